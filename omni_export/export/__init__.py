@@ -1,0 +1,1 @@
+"""Per-module ONNX exporters: one file per exported graph."""
