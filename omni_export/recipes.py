@@ -1,7 +1,7 @@
 """Build recipes: what to export and how (dtype, quantization, components).
 
 A recipe is a YAML file. Built-in recipes live in the repository's ``recipes/`` folder
-(installed as the ``omni_export.recipes`` package); ``--recipe`` takes a built-in name or a
+(installed as the ``omni_export.builtin_recipes`` package); ``--recipe`` takes a built-in name or a
 path to a YAML file. Schema (version 1)::
 
     schema_version: 1            # required, must be 1
@@ -53,7 +53,7 @@ class Recipe:
 
 def builtin_names() -> list[str]:
     """Names of the recipes shipped with omni-export."""
-    folder = resources.files("omni_export.recipes")
+    folder = resources.files("omni_export.builtin_recipes")
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -69,7 +69,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         if name_or_path not in builtin_names():
             raise RecipeError(f"unknown recipe {name_or_path!r}", path=f"recipes/{name_or_path}.yaml",
                               fix=f"choose one of: {', '.join(builtin_names())}, or pass a path to a recipe YAML file")
-        ref = resources.files("omni_export.recipes") / f"{name_or_path}.yaml"
+        ref = resources.files("omni_export.builtin_recipes") / f"{name_or_path}.yaml"
         text, source = ref.read_text(encoding="utf-8"), f"recipes/{name_or_path}.yaml"
     try:
         data = yaml.safe_load(text)

@@ -1,1 +1,1 @@
-"""Built-in build recipes (one YAML file per recipe), shipped as ``omni_export.recipes``."""
+"""Built-in build recipes (one YAML file per recipe), shipped as ``omni_export.builtin_recipes``."""
