@@ -1,0 +1,64 @@
+"""Shared fixtures: random-weight tiny checkpoints, bundles built from them, the oracle.
+
+The oracle is transformers' own Qwen2.5-Omni thinker, loaded with ``from_pretrained`` from
+the checkpoint directory (independently of omni-export's loader).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_tiny(tmp_path_factory, seed: int) -> tuple[Path, Path]:
+    """Write a tiny checkpoint with ``seed`` and build an fp32 bundle from it."""
+    from omni_export.build import build_bundle
+    from omni_export.tiny_model import write_tiny_checkpoint
+
+    base = tmp_path_factory.mktemp(f"tiny-seed{seed}")
+    ckpt = write_tiny_checkpoint(base / "model", preset="tiny", seed=seed)
+    bundle = build_bundle(ckpt, "fp32", base / "bundle")
+    return ckpt, bundle
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint dir, bundle dir) for seed 0."""
+    return build_tiny(tmp_path_factory, 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny) -> Path:
+    return tiny[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny) -> Path:
+    return tiny[1]
+
+
+def load_reference_thinker(checkpoint: Path):
+    """transformers' Qwen2.5-Omni thinker from the checkpoint directory, fp32, eval, sdpa."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="sdpa",
+                                                                  dtype="float32")
+    return model.thinker.eval()
+
+
+@pytest.fixture(scope="session")
+def reference_thinker(tiny_checkpoint):
+    return load_reference_thinker(tiny_checkpoint)
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``omni-export ARGS`` in a subprocess (the real entry point), capturing output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "omni_export.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
