@@ -140,17 +140,23 @@ def inspect(
     out.print(f"model {data['model']['family']} ({data['model']['source']}), recipe {data['recipe']['name']} "
               f"({data['recipe']['dtype']}, quantization {data['recipe']['quantization']})")
     table = Table(title="graphs")
-    for col in ("graph", "file", "MB", "inputs", "outputs"):
-        table.add_column(col)
+    for col in ("graph", "files", "MB", "dtype", "quantization", "opset"):
+        table.add_column(col, overflow="fold")
     for name, spec in manifest.graphs.items():
         size = sum(manifest.files[f]["bytes"] for f in spec.files) / 1e6
-
-        def fmt(items):
-            shown = [f"{t.name} {t.dtype}{list(t.shape)}" for t in items[:4]]
-            return "\n".join(shown + ([f"... +{len(items) - 4} more"] if len(items) > 4 else []))
-
-        table.add_row(name, spec.file, f"{size:.1f}", fmt(spec.inputs), fmt(spec.outputs))
+        table.add_row(name, "\n".join(spec.files), f"{size:.1f}", spec.dtype, str(spec.quantization), str(spec.opset))
     out.print(table)
+    for name, spec in manifest.graphs.items():
+        io = Table(title=f"{name} IO")
+        for col in ("", "name", "dtype", "shape"):
+            io.add_column(col)
+        for direction, items in (("in", spec.inputs), ("out", spec.outputs)):
+            kv = [t for t in items if t.name.startswith(("past_key_values.", "present."))]
+            for t in [t for t in items if t not in kv] + kv[:2]:
+                io.add_row(direction, t.name, t.dtype, str(list(t.shape)))
+            if len(kv) > 2:
+                io.add_row(direction, f"... {len(kv) - 2} more K/V tensors", "", "")
+        out.print(io)
     consts = Table(title="config.thinker")
     consts.add_column("key")
     consts.add_column("value")

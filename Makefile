@@ -1,0 +1,33 @@
+# omni-export: set up, demo, test. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+# torch==2.14.1 / torchvision==0.29.1 are taken from the machine's local wheel store;
+# any other torch request would download a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e "./runtime[cpu]" -e ".[dev]"
+	touch $@
+
+# Build a bundle from the embedded random-weight tiny model and chat with it.
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/omni-export tiny $(DEMO)/model
+	$(BIN)/omni-export build --model $(DEMO)/model --recipe fp32 --out $(DEMO)/bundle
+	$(BIN)/omni-export inspect $(DEMO)/bundle
+	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Tell me about the sea." --max-new-tokens 24 --seed 0
+	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Tell me about the sea." --max-new-tokens 8 --greedy --json
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(DEMO) .pytest_cache
