@@ -1,0 +1,586 @@
+"""Random-weight Qwen2.5-Omni checkpoints in the real on-disk layout, for tests and demos.
+
+Nothing can come from a model hub here, so this module writes a complete checkpoint directory
+the way ``Qwen/Qwen2.5-Omni-7B`` is published (transformers 4.5x style), built with
+transformers' own classes:
+
+* ``config.json``: thinker (audio, vision, text), talker and token2wav (DiT, BigVGAN) configs,
+  with ``"architectures": ["Qwen2_5OmniModel"]``, ``"torch_dtype"`` and, in the text and talker
+  configs, ``rope_theta`` + ``rope_scaling`` (with ``mrope_section``) instead of transformers 5's
+  ``rope_parameters``;
+* ``model.safetensors``: the legacy tensor names (``thinker.model.layers.0...``,
+  ``thinker.audio_tower...``, ``thinker.visual...``, ``talker...``, ``token2wav...``), written
+  tensor by tensor so the weights are never held twice in memory;
+* ``generation_config.json``, ``preprocessor_config.json`` (Whisper features with 128 mel bins +
+  Qwen2-VL image processor), the tokenizer files of :mod:`omni_export.tokenizer_kit` and
+  ``spk_dict.pt`` (speakers ``Chelsie`` and ``Ethan``).
+
+Presets:
+
+``tiny``
+    a few MB of float32 weights, built in seconds, valid in every stack (thinker, audio and
+    vision encoders, talker, DiT, BigVGAN) with the real vocabulary and special ids.
+``7b-shape``
+    the real Qwen2.5-Omni-7B widths everywhere but only a few layers per stack (thinker
+    ``layers``, default 4; audio encoder, vision encoder, talker and DiT 2 each), bfloat16 by
+    default: about 2.3 B parameters, 4.6 GB on disk.
+
+The directory is built next to ``out_dir`` under a hidden ``.<name>.partial-<random>`` name and
+renamed into place at the end, so an interrupted run never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omni_export import tokenizer_kit
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    import transformers
+
+__all__ = [
+    "CHECKPOINT_FILES",
+    "PRESETS",
+    "SPEAKERS",
+    "build_config",
+    "legacy_config_dict",
+    "write_tiny_checkpoint",
+]
+
+PRESETS = ("tiny", "7b-shape")
+
+#: Files every checkpoint written here contains.
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "spk_dict.pt",
+    *tokenizer_kit.TOKENIZER_FILES,
+)
+
+#: Speaker name -> the thinker-vocabulary token the talker's text stream starts with (``bos_token``
+#: in ``spk_dict.pt``; ``generate`` embeds it with the thinker's embedding table). These are the
+#: values of the published spk_dict.pt.
+SPEAKERS = {"Chelsie": 151872, "Ethan": 151870}
+
+#: Length (mel frames) of the reference mel stored for each speaker, as in the published file.
+_REF_MEL_FRAMES = 400
+
+_DEFAULT_DTYPE = {"tiny": "float32", "7b-shape": "bfloat16"}
+_DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+
+# Special ids of the real checkpoint (thinker_config).
+_THINKER_IDS = {
+    "audio_token_index": 151646,
+    "image_token_index": 151655,
+    "video_token_index": 151656,
+    "audio_start_token_id": 151647,
+    "audio_end_token_id": 151648,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "user_token_id": 872,
+    "bos_token_id": 151644,
+    "eos_token_id": 151645,
+    "pad_token_id": 151643,
+    "position_id_per_seconds": 25,
+    "seconds_per_chunk": 2,
+}
+
+_PREPROCESSOR_CONFIG = {
+    # Whisper feature extractor (128 mel bins, 16 kHz, 30 s windows of 100 frames/s, 300 s max)
+    "feature_extractor_type": "WhisperFeatureExtractor",
+    "feature_size": 128,
+    "sampling_rate": 16000,
+    "hop_length": 160,
+    "n_fft": 400,
+    "chunk_length": 300,
+    "n_samples": 4800000,
+    "nb_max_frames": 30000,
+    "padding_value": 0.0,
+    "padding_side": "right",
+    "return_attention_mask": True,
+    "dither": 0.0,
+    # Qwen2-VL image processor
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "rescale_factor": 1 / 255,
+    "resample": 3,
+    "processor_class": "Qwen2_5OmniProcessor",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+
+
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+
+
+def _resolve_dtype(preset: str, dtype: str | None) -> str:
+    if dtype is None:
+        return _DEFAULT_DTYPE[preset]
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_ALIASES:
+        raise ValueError(f"unsupported dtype {dtype!r}: choose float32, bfloat16 or float16")
+    return _DTYPE_ALIASES[key]
+
+
+def _preset_dicts(preset: str, layers: int | None) -> dict[str, Any]:
+    """Keyword dicts for the sub-configs of ``preset``."""
+    if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 1):
+        raise ValueError(f"layers must be a positive integer, got {layers!r}")
+    if preset == "tiny":
+        n = layers or 2
+        hidden = 64
+        text = dict(
+            hidden_size=hidden,
+            intermediate_size=128,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # head_dim 16
+            mrope_section=[2, 3, 3],  # sums to head_dim / 2
+        )
+        audio = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64)
+        vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, fullatt_block_indexes=[1])
+        talker = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            mrope_section=[2, 3, 3],
+        )
+        dit = dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            head_dim=16,
+            emb_dim=32,
+            enc_dim=16,
+            enc_channels=[32, 32, 32, 32, 96],  # last = 3 x middle (multi-layer feature aggregation)
+            enc_attention_channels=16,
+            enc_se_channels=16,
+            look_ahead_layers=[1],
+            look_backward_layers=[0],
+        )
+        # channels halve at each of the 6 upsampling stages: 128 -> 2 at the last one
+        bigvgan = dict(upsample_initial_channel=128)
+    else:  # "7b-shape": real Qwen2.5-Omni-7B widths, few layers in every stack
+        n = layers or 4
+        hidden = 3584
+        text = dict(
+            hidden_size=hidden,
+            intermediate_size=18944,
+            num_hidden_layers=n,
+            num_attention_heads=28,
+            num_key_value_heads=4,  # head_dim 128
+            mrope_section=[16, 24, 24],
+        )
+        audio = dict(d_model=1280, encoder_layers=2, encoder_attention_heads=20, encoder_ffn_dim=5120)
+        vision = dict(depth=2, hidden_size=1280, num_heads=16, intermediate_size=3420, fullatt_block_indexes=[1])
+        talker = dict(
+            hidden_size=896,
+            intermediate_size=18944,
+            num_hidden_layers=2,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            head_dim=128,
+            mrope_section=[16, 24, 24],
+        )
+        dit = dict(
+            hidden_size=1024,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            head_dim=64,
+            look_ahead_layers=[1],
+            look_backward_layers=[0],
+        )
+        bigvgan = dict(upsample_initial_channel=1536)
+
+    text_mrope = text.pop("mrope_section")
+    text.update(
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        max_window_layers=text["num_hidden_layers"],
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        sliding_window=32768,
+        rope_parameters={"rope_type": "default", "mrope_section": text_mrope, "rope_theta": 1000000.0},
+    )
+    audio.update(num_mel_bins=128, output_dim=hidden, n_window=100, max_source_positions=1500)
+    vision.update(
+        out_hidden_size=hidden,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        in_channels=3,
+    )
+    talker_mrope = talker.pop("mrope_section")
+    talker.update(
+        embedding_size=hidden,
+        vocab_size=8448,
+        max_position_embeddings=32768,
+        max_window_layers=talker["num_hidden_layers"],
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        sliding_window=32768,
+        rope_parameters={"rope_type": "default", "mrope_section": talker_mrope, "rope_theta": 1000000.0},
+    )
+    dit.update(mel_dim=80, num_embeds=8193, repeats=2, block_size=24, enc_emb_dim=192)
+    bigvgan.update(mel_dim=80)
+    return dict(text=text, audio=audio, vision=vision, talker=talker, dit=dit, bigvgan=bigvgan)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' info/warning logs (e.g. the talker's thinker-vocabulary ids)."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def build_config(preset: str = "tiny", layers: int | None = None) -> "transformers.Qwen2_5OmniConfig":
+    """The ``Qwen2_5OmniConfig`` of a preset; ``layers`` overrides the thinker text layer count."""
+    _check_preset(preset)
+    from transformers import Qwen2_5OmniConfig
+
+    d = _preset_dicts(preset, layers)
+    thinker = dict(
+        text_config=d["text"],
+        audio_config=d["audio"],
+        vision_config=d["vision"],
+        tie_word_embeddings=False,
+        **_THINKER_IDS,
+    )
+    with _quiet_transformers():
+        return Qwen2_5OmniConfig(
+            thinker_config=thinker,
+            talker_config=d["talker"],
+            token2wav_config={"dit_config": d["dit"], "bigvgan_config": d["bigvgan"]},
+            enable_audio_output=True,
+        )
+
+
+def _legacy_rope(sub: dict) -> None:
+    """Replace transformers 5 ``rope_parameters`` by 4.5x ``rope_theta`` (+ ``rope_scaling``)."""
+    rope = sub.pop("rope_parameters", None) or {}
+    theta = rope.get("rope_theta")
+    if theta is not None:
+        sub["rope_theta"] = float(theta)
+    if "mrope_section" in rope:
+        sub["rope_scaling"] = {
+            "mrope_section": list(rope["mrope_section"]),
+            "rope_type": "default",
+            "type": "default",
+        }
+
+
+# Generic ``PreTrainedConfig`` attributes that transformers 5 serializes with their defaults;
+# they carry nothing for this model and are left out of config.json (key -> default value).
+_GENERIC_DEFAULTS = {
+    "_name_or_path": "",
+    "architectures": None,
+    "chunk_size_feed_forward": 0,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    "is_encoder_decoder": False,
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "problem_type": None,
+    "return_dict": True,
+}
+
+
+def _clean_config(d: dict) -> None:
+    """Drop ``dtype`` and generic default attributes from a config dict and its sub-configs."""
+    d.pop("dtype", None)
+    d.pop("torch_dtype", None)
+    for key, default in _GENERIC_DEFAULTS.items():
+        if key in d and json.loads(json.dumps(d[key])) == default:
+            del d[key]
+    for v in d.values():
+        if isinstance(v, dict) and "model_type" in v:
+            _clean_config(v)
+
+
+def legacy_config_dict(config: "transformers.Qwen2_5OmniConfig", dtype: str) -> dict:
+    """``config`` as the dict written to ``config.json`` (transformers 4.5x style)."""
+    import transformers
+
+    d = config.to_dict()
+    _clean_config(d)
+    thinker = d["thinker_config"]
+    _legacy_rope(thinker["text_config"])
+    _legacy_rope(thinker["vision_config"])
+    _legacy_rope(d["talker_config"])
+    _legacy_rope(d["token2wav_config"]["dit_config"])
+    out = {
+        "architectures": ["Qwen2_5OmniModel"],
+        "enable_audio_output": True,
+        "model_type": "qwen2_5_omni",
+    }
+    out.update({k: v for k, v in d.items() if k not in ("architectures", "transformers_version")})
+    out["torch_dtype"] = dtype
+    out["transformers_version"] = transformers.__version__
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+
+def _legacy_name(name: str) -> str:
+    """transformers 5 module name -> tensor name in the published (4.5x) checkpoints."""
+    for new, old in (
+        ("thinker.model.language_model.", "thinker.model."),
+        ("thinker.model.audio_tower.", "thinker.audio_tower."),
+        ("thinker.model.visual.", "thinker.visual."),
+    ):
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+_ST_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def _write_safetensors(
+    path: Path,
+    tensors: list[tuple[str, "torch.Tensor"]],
+    target: "torch.dtype",
+    metadata: dict[str, str],
+    progress: bool,
+) -> None:
+    """Stream ``tensors`` into a safetensors file, casting floating tensors to ``target``.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a Python ``bytes`` object,
+    which would double the peak memory of a multi-GB model; this writes one tensor at a time.
+    """
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    plan = []
+    for name, t in tensors:
+        dt = target if t.is_floating_point() else t.dtype
+        nbytes = t.numel() * torch.empty((), dtype=dt).element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[str(dt).removeprefix("torch.")],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        plan.append((name, t, dt, nbytes))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    bar = _progress_bar(total=offset, desc="model.safetensors", unit="B", enabled=progress)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, t, dt, nbytes in plan:
+            if nbytes:
+                data = t.detach().to(device="cpu", dtype=dt).contiguous().reshape(-1)
+                f.write(memoryview(data.view(torch.uint8).numpy()))
+                del data
+            bar.update(nbytes)
+        f.flush()
+        os.fsync(f.fileno())
+    bar.close()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, unit: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024, file=sys.stderr)
+
+
+def _say(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(f"[omni-export tiny] {msg}", file=sys.stderr, flush=True)
+
+
+def _speaker_dict(config: "transformers.Qwen2_5OmniConfig", seed: int) -> dict[str, dict[str, Any]]:
+    """``spk_dict.pt`` content: per speaker ``cond`` [1, enc_emb_dim], ``ref_mel`` [1, T, mel_dim]
+    (float32) and ``bos_token`` (int), as ``Qwen2_5OmniForConditionalGeneration.generate`` reads them."""
+    import torch
+
+    dit = config.token2wav_config.dit_config
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for name, bos in SPEAKERS.items():
+        out[name] = {
+            "bos_token": int(bos),
+            "cond": torch.randn(1, dit.enc_emb_dim, generator=gen, dtype=torch.float32),
+            # log-mel-like values around -4 with unit spread
+            "ref_mel": torch.randn(1, _REF_MEL_FRAMES, dit.mel_dim, generator=gen, dtype=torch.float32) - 4.0,
+        }
+    return out
+
+
+def _generation_config() -> dict:
+    import transformers
+
+    return {
+        "bos_token_id": 151643,
+        "do_sample": False,
+        "eos_token_id": [151645, 151643],
+        "pad_token_id": 151643,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def _dump_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_into(tmp: Path, preset: str, seed: int, layers: int | None, dtype_name: str, progress: bool) -> None:
+    import torch
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    target = getattr(torch, dtype_name)
+    config = build_config(preset, layers)
+
+    t0 = time.monotonic()
+    _say(progress, f"building {preset} model ({dtype_name}, seed {seed})")
+    torch.manual_seed(seed)
+    with _quiet_transformers():
+        model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=target)
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(progress, f"initialized {n_params / 1e6:.1f} M parameters in {time.monotonic() - t0:.1f} s")
+
+    state = model.state_dict()
+    seen: dict[int, str] = {}
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name in sorted(state, key=_legacy_name):
+        t = state[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:  # tied weights: none expected (tie_word_embeddings false)
+            raise RuntimeError(f"{name} shares storage with {seen[key]}")
+        if key is not None:
+            seen[key] = name
+        tensors.append((_legacy_name(name), t))
+    del state
+    _write_safetensors(tmp / "model.safetensors", tensors, target, {"format": "pt"}, progress)
+    del tensors, model
+
+    _say(progress, "writing config, tokenizer, processor and speaker files")
+    _dump_json(tmp / "config.json", legacy_config_dict(config, dtype_name))
+    _dump_json(tmp / "generation_config.json", _generation_config())
+    _dump_json(tmp / "preprocessor_config.json", _PREPROCESSOR_CONFIG)
+    tokenizer_kit.write_tokenizer(tmp)
+    torch.save(_speaker_dict(config, seed), tmp / "spk_dict.pt")
+    _say(progress, f"done in {time.monotonic() - t0:.1f} s")
+
+
+def _is_nonempty(path: Path) -> bool:
+    if not path.exists() and not path.is_symlink():
+        return False
+    if not path.is_dir() or path.is_symlink():
+        return True
+    return any(path.iterdir())
+
+
+def write_tiny_checkpoint(
+    out_dir: Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    layers: int | None = None,
+    dtype: str | None = None,
+    progress: bool = False,
+) -> Path:
+    """Write a random-weight Qwen2.5-Omni checkpoint of ``preset`` into ``out_dir``.
+
+    The same ``seed`` gives the same weights. ``layers`` overrides the thinker's text layer
+    count; ``dtype`` (float32, bfloat16, float16) the weight dtype (default float32 for ``tiny``,
+    bfloat16 for ``7b-shape``). Raises ``FileExistsError`` if ``out_dir`` exists and is not an
+    empty directory. Returns ``out_dir``.
+    """
+    _check_preset(preset)
+    dtype_name = _resolve_dtype(preset, dtype)
+    _preset_dicts(preset, layers)  # validate `layers` before touching the disk
+    out_dir = Path(out_dir)
+    if _is_nonempty(out_dir):
+        raise FileExistsError(
+            f"{out_dir} already exists and is not empty; choose a new directory or remove it first"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        _write_into(tmp, preset, seed, layers, dtype_name, progress)
+        if _is_nonempty(out_dir):
+            raise FileExistsError(
+                f"{out_dir} appeared while the checkpoint was being written; it was left untouched"
+            )
+        try:
+            os.rename(tmp, out_dir)  # replaces an empty directory atomically on POSIX
+        except OSError as err:
+            raise FileExistsError(f"cannot move the new checkpoint into {out_dir}: {err}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
