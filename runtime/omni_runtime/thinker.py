@@ -16,7 +16,7 @@ from .errors import InputError
 from .manifest import Manifest
 from .rope import next_position_ids, text_position_ids
 from .sampling import SamplingConfig, next_tokens
-from .sessions import SessionPool
+from .sessions import CUDA, SessionPool, import_onnxruntime, io_binding_enabled
 
 EMBEDDING = "thinker_embedding"
 DECODER = "thinker_decoder"
@@ -32,12 +32,71 @@ class Generation:
     finish_reasons: list[str]  # "eos" or "length"
 
 
-class ThinkerGenerator:
-    """Greedy or sampled generation with a KV cache for one bundle."""
+class FeedDecoder:
+    """Runs a decoder step with numpy feeds: the K/V cache round-trips through host memory."""
 
-    def __init__(self, manifest: Manifest, pool: SessionPool):
+    def __init__(self, session, layers: int):
+        self.session = session
+        self.layers = layers
+
+    def past(self, empty: np.ndarray):
+        return [(empty, empty)] * self.layers
+
+    def step(self, embeds, mask, positions, past):
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        for i in range(self.layers):
+            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[i]
+        outputs = self.session.run(None, feeds)
+        logits, presents = outputs[0], outputs[2:]
+        return logits[:, -1, :], [(presents[2 * i], presents[2 * i + 1]) for i in range(self.layers)]
+
+
+class BoundDecoder:
+    """Runs a decoder step with IO binding: presents stay on the device and become the next past.
+
+    Selected when the first provider is CUDA (only the logits cross to the host each step); it
+    binds to the CPU device otherwise, which is how the same logic is tested without a GPU.
+    """
+
+    def __init__(self, session, layers: int, device: str):
+        self.session = session
+        self.layers = layers
+        self.device = device
+        self.ort = import_onnxruntime()
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def _value(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def past(self, empty: np.ndarray):
+        value = self._value(empty)
+        return [(value, value)] * self.layers
+
+    def step(self, embeds, mask, positions, past):
+        binding = self.session.io_binding()
+        for name, array in (("inputs_embeds", embeds), ("attention_mask", mask), ("position_ids", positions)):
+            binding.bind_ortvalue_input(name, self._value(array))
+        for i in range(self.layers):
+            binding.bind_ortvalue_input(f"past_key_values.{i}.key", past[i][0])
+            binding.bind_ortvalue_input(f"past_key_values.{i}.value", past[i][1])
+        for name in self.output_names:
+            binding.bind_output(name, "cpu" if name == "logits" else self.device, 0)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits, presents = outputs[0].numpy(), outputs[2:]
+        return logits[:, -1, :], [(presents[2 * i], presents[2 * i + 1]) for i in range(self.layers)]
+
+
+class ThinkerGenerator:
+    """Greedy or sampled generation with a KV cache for one bundle.
+
+    ``io_binding`` None follows the providers (on for CUDA); True/False forces it.
+    """
+
+    def __init__(self, manifest: Manifest, pool: SessionPool, io_binding: bool | None = None):
         self.manifest = manifest
         self.pool = pool
+        self.io_binding = io_binding_enabled(pool.providers) if io_binding is None else io_binding
         cfg = manifest.config["thinker"]
         self.layers = int(cfg["num_hidden_layers"])
         self.kv_heads = int(cfg["num_key_value_heads"])
@@ -58,13 +117,12 @@ class ThinkerGenerator:
             mask[row, width - len(prompt):] = 1
         return ids, mask
 
-    def _decoder_step(self, embeds, mask, positions, past):
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        for i in range(self.layers):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[i]
-        outputs = self.pool.get(DECODER).run(None, feeds)
-        logits, presents = outputs[0], outputs[2:]
-        return logits[:, -1, :], [(presents[2 * i], presents[2 * i + 1]) for i in range(self.layers)]
+    def _decoder(self):
+        session = self.pool.get(DECODER)
+        if not self.io_binding:
+            return FeedDecoder(session, self.layers)
+        device = "cuda" if self.pool.providers and self.pool.providers[0] == CUDA else "cpu"
+        return BoundDecoder(session, self.layers, device)
 
     def generate(
         self,
@@ -82,8 +140,8 @@ class ThinkerGenerator:
         ids, mask = self._pad(prompts)
         batch = ids.shape[0]
         embed = self.pool.get(EMBEDDING)
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        past = [(empty, empty)] * self.layers
+        decoder = self._decoder()
+        past = decoder.past(np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype))
         positions = text_position_ids(mask)
         embeds = embed.run(None, {"input_ids": ids})[0]
         sequences, seq_mask = ids, mask
@@ -91,7 +149,7 @@ class ThinkerGenerator:
         finished = np.zeros(batch, dtype=bool)
         reasons = ["length"] * batch
         for _ in range(max_new_tokens):
-            logits, past = self._decoder_step(embeds, mask, positions, past)
+            logits, past = decoder.step(embeds, mask, positions, past)
             new = next_tokens(logits, sequences, sampling, rng, attention_mask=seq_mask)
             new = np.where(finished, self.pad_id, new)
             for row in np.flatnonzero(~finished):
