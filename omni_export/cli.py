@@ -46,8 +46,10 @@ def tiny(
         fail(OmniError(f"unknown preset {preset!r}", fix=f"use one of: {', '.join(PRESETS)}"))
     try:
         path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True)
-    except FileExistsError as exc:
-        fail(OmniError(str(exc), path=out_dir, fix="choose a new directory or remove it first"))
+    except FileExistsError:
+        fail(OmniError("already exists and is not empty", path=out_dir, fix="choose a new directory or remove it first"))
+    except ValueError as exc:
+        fail(OmniError(str(exc), fix="see `omni-export tiny --help`"))
     err.print(f"wrote random-weight {preset} checkpoint to {path}")
 
 

@@ -105,3 +105,12 @@ def test_bad_sampling_parameter(tiny_bundle):
 
 def test_empty_prompt(tiny_bundle):
     assert_clean_error(run_cli("run", tiny_bundle, "--prompt", "  "), "prompt")
+
+
+def test_tiny_into_existing_dir(tiny_checkpoint):
+    assert_clean_error(run_cli("tiny", tiny_checkpoint), str(tiny_checkpoint), "already exists")
+
+
+def test_tiny_bad_layers(tmp_path):
+    assert_clean_error(run_cli("tiny", tmp_path / "m", "--layers", "0"), "layers")
+    assert not (tmp_path / "m").exists()
