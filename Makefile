@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test runtime-check clean
 
 setup: $(VENV)/.installed
 
@@ -29,5 +29,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The runtime installs on its own (no torch, no transformers) and runs the demo bundle.
+runtime-check:  # after `make demo`
+	rm -rf .venv-runtime
+	$(PYTHON) -m venv .venv-runtime
+	.venv-runtime/bin/pip install -q "./runtime[cpu]"
+	.venv-runtime/bin/python -c "import importlib.util as u, sys; from omni_runtime.runner import OmniRunner; \
+	r = OmniRunner('$(DEMO)/bundle').chat('Hello', max_new_tokens=4); print(r.text, r.token_ids); \
+	assert u.find_spec('torch') is None and u.find_spec('transformers') is None, 'runtime venv has torch'"
+
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache .venv-runtime
