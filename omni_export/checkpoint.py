@@ -14,6 +14,7 @@ built at a time without loading the whole 7B model.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,18 @@ class Checkpoint:
                 for name in file_names:
                     out[names[name]] = f.get_tensor(name).to(dtype)
         return out
+
+    def numel(self, names) -> int:
+        """Total element count of the named tensors, read from the safetensors headers only."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        total = 0
+        for file, file_names in by_file.items():
+            with safe_open(self.root / file, framework="pt") as f:
+                for name in file_names:
+                    total += math.prod(f.get_slice(name).get_shape())
+        return total
 
     def thinker_text_names(self) -> dict[str, str]:
         """Checkpoint names of the thinker text model, mapped to the module's own names."""

@@ -59,12 +59,14 @@ def build(
     recipe: str = typer.Option("fp32", "--recipe", help="Built-in recipe name (see recipes/) or a recipe YAML path."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to create."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check",
+                                      help="Refuse up front an export that would not fit in RAM."),
 ) -> None:
     """Export the model's graphs into a bundle with a manifest."""
     from .build import build_bundle
 
     try:
-        path = build_bundle(model, recipe, out, force=force, console=err)
+        path = build_bundle(model, recipe, out, force=force, console=err, memory_check=memory_check)
     except OmniError as exc:
         fail(exc)
     err.print(f"bundle written to {path}")

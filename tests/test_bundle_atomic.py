@@ -45,3 +45,14 @@ def test_refuses_to_replace_a_non_bundle_directory(tiny_checkpoint, tmp_path):
     with pytest.raises(BundleWriteError, match="not a bundle"):
         build_bundle(tiny_checkpoint, "fp32", out, force=True)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_memory_check_refuses_before_any_work(tiny_checkpoint, tmp_path, monkeypatch):
+    from omni_export.checkpoint import CheckpointError
+
+    monkeypatch.setattr(build_module, "available_memory", lambda: 1000)  # 1 kB free
+    out = tmp_path / "bundle"
+    with pytest.raises(CheckpointError, match="GB of RAM") as info:
+        build_bundle(tiny_checkpoint, "fp32", out)
+    assert "--no-memory-check" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
