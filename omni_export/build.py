@@ -86,14 +86,13 @@ def generation_defaults(ckpt: Checkpoint, tokens: dict[str, int]) -> dict:
 
 def thinker_constants(ckpt: Checkpoint, kv_dtype: str) -> dict:
     cfg = ckpt.text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = cfg.rope_parameters
     return {
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": head_dim,
+        "head_dim": thinker_decoder.head_dim(cfg),
         "vocab_size": cfg.vocab_size,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": float(rope["rope_theta"]),
@@ -121,8 +120,8 @@ def available_memory() -> int | None:
 
 def check_memory(ckpt: Checkpoint, dtype: torch.dtype) -> None:
     """Refuse, before any work, an export that would not fit in this machine's memory."""
-    names = [n for n, t in ckpt.thinker_text_names().items() if t != "embed_tokens.weight"]
-    names.append(ckpt.lm_head_name())
+    embedding = ckpt.embed_tokens_name()
+    names = [n for n in ckpt.thinker_text_names() if n != embedding] + [ckpt.lm_head_name()]
     need = int(ckpt.numel(names) * dtype.itemsize * EXPORT_MEMORY_FACTOR)
     have = available_memory()
     if have is not None and need > have:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -105,14 +106,15 @@ class Checkpoint:
         raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE}", path=root, fix="download the model weights (*.safetensors) into the model directory")
 
     # ----------------------------------------------------------------- config
+    @cached_property
     def config(self):
-        """The transformers ``Qwen2_5OmniConfig`` of this checkpoint."""
+        """The transformers ``Qwen2_5OmniConfig`` of this checkpoint (parsed once)."""
         from transformers import Qwen2_5OmniConfig
 
         return Qwen2_5OmniConfig.from_pretrained(self.root)
 
     def text_config(self):
-        cfg = self.config().thinker_config.text_config
+        cfg = self.config.thinker_config.text_config
         cfg._attn_implementation = "sdpa"
         return cfg
 
@@ -159,9 +161,19 @@ class Checkpoint:
                 names[name] = target
         return names
 
-    def lm_head_name(self) -> str:
-        for name in ("thinker.lm_head.weight",):
-            if name in self.weight_map:
+    def embed_tokens_name(self) -> str:
+        """Checkpoint name of the thinker token embedding table."""
+        for name, target in self.thinker_text_names().items():
+            if target == "embed_tokens.weight":
                 return name
+        raise CheckpointError("the thinker embed_tokens weight is missing from the weights", path=self.root,
+                              fix="the checkpoint is incomplete: download all weight shards")
+
+    def lm_head_name(self) -> str:
+        """Checkpoint name of the thinker lm_head weight (the embedding table when tied)."""
+        if "thinker.lm_head.weight" in self.weight_map:
+            return "thinker.lm_head.weight"
+        if self.config.thinker_config.text_config.tie_word_embeddings:
+            return self.embed_tokens_name()
         raise CheckpointError("thinker.lm_head.weight is missing from the weights", path=self.root,
                               fix="the checkpoint is incomplete: download all weight shards")

@@ -30,6 +30,11 @@ GRAPH_NAME = "thinker_decoder"
 FILE_NAME = "thinker_decoder.onnx"
 
 
+def head_dim(config) -> int:
+    """Attention head size of a text config (explicit ``head_dim`` or hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def past_names(num_layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
@@ -72,35 +77,27 @@ def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> ThinkerDecode
     with no_init_weights():
         text_model = Qwen2_5OmniThinkerTextModel(config)
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    names = ckpt.thinker_text_names()
-    names.pop(next((n for n, t in names.items() if t == "embed_tokens.weight"), None), None)
-    state = ckpt.read(names, dtype)
+    embedding = ckpt.embed_tokens_name()
+    state = ckpt.read({n: t for n, t in ckpt.thinker_text_names().items() if n != embedding}, dtype)
     missing, unexpected = text_model.load_state_dict(state, strict=False)
     missing = [m for m in missing if m != "embed_tokens.weight"]
     if missing or unexpected:
         raise CheckpointError(
             f"thinker text weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})",
             path=ckpt.root, fix="check that config.json belongs to these weights")
-    # The embedding lives in its own graph; drop it from the decoder.
+    # The embedding lives in its own graph (thinker_embedding); the decoder takes inputs_embeds.
     text_model.embed_tokens = None
-    try:
-        head = ckpt.read({ckpt.lm_head_name(): "weight"}, dtype)
-    except CheckpointError:
-        if not ckpt.config().thinker_config.text_config.tie_word_embeddings:
-            raise
-        head = ckpt.read({n: "weight" for n, t in ckpt.thinker_text_names().items() if t == "embed_tokens.weight"}, dtype)
-    lm_head.load_state_dict(head)
+    lm_head.load_state_dict(ckpt.read({ckpt.lm_head_name(): "weight"}, dtype))
     module = ThinkerDecoder(text_model.to(dtype), lm_head.to(dtype)).eval()
     return module
 
 
 def example_inputs(config, batch: int = 2, sequence: int = 3, past: int = 4, dtype=torch.float32) -> tuple:
     """Inputs with distinct sizes per dynamic axis, used for tracing and tests."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     embeds = torch.randn(batch, sequence, config.hidden_size, dtype=dtype)
     mask = torch.ones(batch, past + sequence, dtype=torch.int64)
     positions = (torch.arange(past, past + sequence).view(1, 1, -1).expand(3, batch, -1)).contiguous()
-    kv = [torch.randn(batch, config.num_key_value_heads, past, head_dim, dtype=dtype)
+    kv = [torch.randn(batch, config.num_key_value_heads, past, head_dim(config), dtype=dtype)
           for _ in range(2 * config.num_hidden_layers)]
     return (embeds, mask, positions, *kv)
 
@@ -108,7 +105,6 @@ def example_inputs(config, batch: int = 2, sequence: int = 3, past: int = 4, dty
 def export(module: ThinkerDecoder, out_dir: Path, onnx_dtype: str = "float32") -> ExportedGraph:
     config = module.text_model.config
     layers = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     batch = torch.export.Dim("batch", min=1, max=1024)
     sequence = torch.export.Dim("sequence", min=1, max=config.max_position_embeddings)
     past = torch.export.Dim("past_sequence", min=0, max=config.max_position_embeddings)
@@ -125,8 +121,8 @@ def export(module: ThinkerDecoder, out_dir: Path, onnx_dtype: str = "float32") -
     output_names = ["logits", "last_hidden_state", *present_names(layers)]
     with torch.no_grad():
         external = export_module(module, args, out_dir, FILE_NAME, input_names, output_names, dynamic_shapes)
-    kv_in = ("batch", config.num_key_value_heads, "past_sequence", head_dim)
-    kv_out = ("batch", config.num_key_value_heads, "total_sequence", head_dim)
+    kv_in = ("batch", config.num_key_value_heads, "past_sequence", head_dim(config))
+    kv_out = ("batch", config.num_key_value_heads, "total_sequence", head_dim(config))
     inputs = (
         TensorIO("inputs_embeds", onnx_dtype, ("batch", "sequence", config.hidden_size)),
         TensorIO("attention_mask", "int64", ("batch", "total_sequence")),

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, CheckpointError
+from ..checkpoint import Checkpoint
 from .onnx_io import ExportedGraph, TensorIO, export_module
 
 GRAPH_NAME = "thinker_embedding"
@@ -29,11 +29,7 @@ class ThinkerEmbedding(nn.Module):
 
 def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> ThinkerEmbedding:
     """Build the embedding module from the checkpoint's ``embed_tokens`` weight."""
-    names = {n: "weight" for n, t in ckpt.thinker_text_names().items() if t == "embed_tokens.weight"}
-    if len(names) != 1:
-        raise CheckpointError("thinker embed_tokens.weight is missing from the weights", path=ckpt.root,
-                              fix="the checkpoint is incomplete: download all weight shards")
-    weight = ckpt.read(names, dtype)["weight"]
+    weight = ckpt.read({ckpt.embed_tokens_name(): "weight"}, dtype)["weight"]
     return ThinkerEmbedding(nn.Embedding.from_pretrained(weight, freeze=True)).eval()
 
 
