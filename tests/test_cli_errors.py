@@ -114,3 +114,7 @@ def test_tiny_into_existing_dir(tiny_checkpoint):
 def test_tiny_bad_layers(tmp_path):
     assert_clean_error(run_cli("tiny", tmp_path / "m", "--layers", "0"), "layers")
     assert not (tmp_path / "m").exists()
+
+
+def test_zero_new_tokens(tiny_bundle):
+    assert_clean_error(run_cli("run", tiny_bundle, "--prompt", "hi", "--max-new-tokens", "0"), "max_new_tokens")

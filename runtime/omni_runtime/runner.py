@@ -105,7 +105,7 @@ class OmniRunner:
             if piece and on_text is not None:
                 on_text(piece)
 
-        limit = max_new_tokens or self.manifest.generation["max_new_tokens"]
+        limit = self.manifest.generation["max_new_tokens"] if max_new_tokens is None else max_new_tokens
         out = self.thinker.generate([prompt_ids], limit, sampling or self.default_sampling(), seed, on_step)
         ids = out.token_ids[0]
         answer = self.tokenizer.decode(ids, skip_special_tokens=True)
