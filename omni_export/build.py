@@ -139,11 +139,11 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
     transformers_logging.set_verbosity_error()  # config-validation chatter is not for users
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     ckpt = Checkpoint.open(model_dir)
+    dtype = TORCH_DTYPES[recipe.dtype]
     if memory_check:
-        check_memory(ckpt, TORCH_DTYPES[recipe.dtype])
+        check_memory(ckpt, dtype)
     tokens = special_tokens(ckpt)
     template = chat_template(ckpt)
-    dtype = TORCH_DTYPES[recipe.dtype]
     show = console is not None
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                         console=console, disable=not show, transient=False)

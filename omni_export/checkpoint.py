@@ -70,9 +70,8 @@ class Checkpoint:
             raise CheckpointError(
                 f"model_type is {raw.get('model_type')!r}, not {MODEL_TYPE!r}: omni-export compiles Qwen2.5-Omni only",
                 path=config_path, fix=fix_real)
-        for key in ("thinker_config",):
-            if not isinstance(raw.get(key), dict):
-                raise CheckpointError(f"config.json has no {key!r} section", path=config_path, fix=fix_real)
+        if not isinstance(raw.get("thinker_config"), dict):
+            raise CheckpointError("config.json has no 'thinker_config' section", path=config_path, fix=fix_real)
         weight_map = cls._weight_map(root)
         for name in TOKENIZER_FILES:
             if not (root / name).is_file():
@@ -128,13 +127,17 @@ class Checkpoint:
             raise CheckpointError(f"not valid JSON ({exc})", path=path, fix="restore the file from the original checkpoint") from None
 
     # ---------------------------------------------------------------- tensors
-    def read(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Read checkpoint tensors ``{checkpoint name: target name}`` as ``dtype``."""
+    def _by_file(self, names) -> dict[str, list[str]]:
+        """Group tensor names by the weight file that holds them (one open per file)."""
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
+        return by_file
+
+    def read(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Read checkpoint tensors ``{checkpoint name: target name}`` as ``dtype``."""
         out: dict[str, torch.Tensor] = {}
-        for file, file_names in by_file.items():
+        for file, file_names in self._by_file(names).items():
             with safe_open(self.root / file, framework="pt") as f:
                 for name in file_names:
                     out[names[name]] = f.get_tensor(name).to(dtype)
@@ -142,11 +145,8 @@ class Checkpoint:
 
     def numel(self, names) -> int:
         """Total element count of the named tensors, read from the safetensors headers only."""
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.weight_map[name], []).append(name)
         total = 0
-        for file, file_names in by_file.items():
+        for file, file_names in self._by_file(names).items():
             with safe_open(self.root / file, framework="pt") as f:
                 for name in file_names:
                     total += math.prod(f.get_slice(name).get_shape())

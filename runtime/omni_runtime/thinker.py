@@ -16,7 +16,7 @@ from .errors import InputError
 from .manifest import Manifest
 from .rope import next_position_ids, text_position_ids
 from .sampling import SamplingConfig, next_tokens
-from .sessions import CUDA, SessionPool, import_onnxruntime, io_binding_enabled
+from .sessions import SessionPool, import_onnxruntime, io_binding_enabled
 
 EMBEDDING = "thinker_embedding"
 DECODER = "thinker_decoder"
@@ -121,7 +121,7 @@ class ThinkerGenerator:
         session = self.pool.get(DECODER)
         if not self.io_binding:
             return FeedDecoder(session, self.layers)
-        device = "cuda" if self.pool.providers and self.pool.providers[0] == CUDA else "cpu"
+        device = "cuda" if io_binding_enabled(self.pool.providers) else "cpu"
         return BoundDecoder(session, self.layers, device)
 
     def generate(
@@ -144,13 +144,13 @@ class ThinkerGenerator:
         past = decoder.past(np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype))
         positions = text_position_ids(mask)
         embeds = embed.run(None, {"input_ids": ids})[0]
-        sequences, seq_mask = ids, mask
+        sequences = ids
         generated = [[] for _ in range(batch)]
         finished = np.zeros(batch, dtype=bool)
         reasons = ["length"] * batch
         for _ in range(max_new_tokens):
             logits, past = decoder.step(embeds, mask, positions, past)
-            new = next_tokens(logits, sequences, sampling, rng, attention_mask=seq_mask)
+            new = next_tokens(logits, sequences, sampling, rng, attention_mask=mask)
             new = np.where(finished, self.pad_id, new)
             for row in np.flatnonzero(~finished):
                 generated[row].append(int(new[row]))
@@ -163,8 +163,7 @@ class ThinkerGenerator:
             if finished.all():
                 break
             sequences = np.concatenate([sequences, new[:, None]], axis=1)
-            seq_mask = np.concatenate([seq_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            mask = seq_mask
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             positions = next_position_ids(positions[:, :, -1])
             embeds = embed.run(None, {"input_ids": new[:, None]})[0]
         return Generation(generated, reasons)
