@@ -1,8 +1,10 @@
 """thinker_decoder.onnx against transformers' thinker text model + lm_head.
 
 Tolerance: max abs diff <= 1e-4 in fp32 on logits (last position), the post-norm hidden
-state and every present K/V, at past 0 and past > 0, batch 1 and 2, a long prompt, and a
-left-padded batch (positions from the host's rope module, as the runtime feeds them).
+state and every present K/V: prefill at batch 1 and 2, a decode step and a chunk after a
+cache, a 512-token prompt, and multimodal positions (different t/h/w position ids, as TMRoPE
+gives image and audio tokens). The cache is fed as ``past`` tensors here; the runtime's
+in-place buffer mode is tested in test_kv_decoder.py against the same reference.
 """
 
 import numpy as np
@@ -10,8 +12,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache
-
-from omni_runtime.rope import text_position_ids
 
 TOLERANCE = 1e-4
 
@@ -21,67 +21,75 @@ def session(tiny_bundle):
     return ort.InferenceSession(str(tiny_bundle / "thinker_decoder.onnx"), providers=["CPUExecutionProvider"])
 
 
-def make_inputs(config, batch, sequence, past, seed, left_pad=0):
-    """Random embeds/past, positions continuing after the past; row 0 left-padded by left_pad."""
+def make_inputs(config, batch, sequence, past, seed, multimodal=False):
+    """Random embeds/past; positions continue after the past (distinct per axis if multimodal)."""
     g = torch.Generator().manual_seed(seed)
     head_dim = config.hidden_size // config.num_attention_heads
     embeds = torch.randn(batch, sequence, config.hidden_size, generator=g)
-    mask = np.ones((batch, past + sequence), dtype=np.int64)
-    mask[0, :left_pad] = 0
-    positions = text_position_ids(mask)[:, :, past:]
+    positions = np.broadcast_to(np.arange(past, past + sequence), (3, batch, sequence)).copy()
+    if multimodal:
+        positions = positions + torch.randint(0, 40, (3, batch, sequence), generator=g).numpy()
     past_kv = [torch.randn(batch, config.num_key_value_heads, past, head_dim, generator=g)
                for _ in range(2 * config.num_hidden_layers)]
-    return embeds, mask, positions, past_kv
+    return embeds, positions.astype(np.int64), past_kv
 
 
-def reference(thinker, embeds, mask, positions, past_kv):
+def reference(thinker, embeds, positions, past_kv):
     config = thinker.config.text_config
     cache = DynamicCache(config=config)
     for i in range(config.num_hidden_layers):
         cache.update(past_kv[2 * i].clone(), past_kv[2 * i + 1].clone(), i)
     with torch.no_grad():
-        out = thinker.model.language_model(inputs_embeds=embeds, attention_mask=torch.from_numpy(mask),
-                                           position_ids=torch.from_numpy(positions), past_key_values=cache,
-                                           use_cache=True)
+        out = thinker.model.language_model(inputs_embeds=embeds, position_ids=torch.from_numpy(positions),
+                                           past_key_values=cache, use_cache=True)
         logits = thinker.lm_head(out.last_hidden_state)[:, -1:]
     presents = [t.numpy() for layer in cache.layers for t in (layer.keys, layer.values)]
     return logits.numpy(), out.last_hidden_state.numpy(), presents
 
 
 @pytest.mark.parametrize(
-    "batch,sequence,past,left_pad",
+    "batch,sequence,past,multimodal",
     [
-        (1, 6, 0, 0),     # prefill, batch 1
-        (2, 3, 0, 0),     # prefill, batch 2
-        (2, 1, 9, 0),     # decode step with a cache
-        (1, 4, 5, 0),     # chunk after a cache
-        (1, 512, 0, 0),   # long prompt
-        (2, 7, 0, 3),     # left-padded batch, prefill
-        (2, 1, 10, 3),    # left-padded batch, decode
+        (1, 6, 0, False),     # prefill, batch 1
+        (2, 3, 0, False),     # prefill, batch 2
+        (2, 1, 9, False),     # decode step with a cache
+        (1, 4, 5, False),     # chunk after a cache
+        (1, 512, 0, False),   # long prompt
+        (1, 9, 0, True),      # multimodal positions, prefill
+        (1, 2, 7, True),      # multimodal positions after a cache (GQA: batch 1 when a chunk follows a cache)
     ],
 )
-def test_decoder_matches_transformers(session, reference_thinker, batch, sequence, past, left_pad):
+def test_decoder_matches_transformers(session, reference_thinker, batch, sequence, past, multimodal):
     config = reference_thinker.config.text_config
-    embeds, mask, positions, past_kv = make_inputs(config, batch, sequence, past, seed=sequence + 10 * past,
-                                                   left_pad=left_pad)
-    feeds = {"inputs_embeds": embeds.numpy(), "attention_mask": mask, "position_ids": positions}
+    embeds, positions, past_kv = make_inputs(config, batch, sequence, past, seed=sequence + 10 * past,
+                                             multimodal=multimodal)
+    total = past + sequence
+    feeds = {"inputs_embeds": embeds.numpy(), "position_ids": positions,
+             "seqlens_k": np.full(batch, total - 1, dtype=np.int32),
+             "total_sequence_length": np.array(total, dtype=np.int32)}
     for i in range(config.num_hidden_layers):
         feeds[f"past_key_values.{i}.key"] = past_kv[2 * i].numpy()
         feeds[f"past_key_values.{i}.value"] = past_kv[2 * i + 1].numpy()
     logits, hidden, *presents = session.run(None, feeds)
-    ref_logits, ref_hidden, ref_presents = reference(reference_thinker, embeds, mask, positions, past_kv)
+    ref_logits, ref_hidden, ref_presents = reference(reference_thinker, embeds, positions, past_kv)
 
     assert logits.shape == (batch, 1, config.vocab_size)
     assert np.abs(logits - ref_logits).max() <= TOLERANCE
-    # Left-padded query positions attend to nothing: their hidden state is not defined, skip them.
-    valid = mask[:, past:].astype(bool)
     assert hidden.shape == ref_hidden.shape
-    assert np.abs(hidden[valid] - ref_hidden[valid]).max() <= TOLERANCE
-    # K/V at padded positions are never attended (masked); above layer 0 they derive from the
-    # undefined hidden states of padded queries, so only attended positions are compared.
-    attended = mask.astype(bool)
+    assert np.abs(hidden - ref_hidden).max() <= TOLERANCE
     assert len(presents) == 2 * config.num_hidden_layers
     for ours, ref in zip(presents, ref_presents):
-        assert ours.shape == (batch, config.num_key_value_heads, past + sequence, ref.shape[-1])
-        diff = np.abs(ours - ref).transpose(0, 2, 1, 3)  # [batch, total, heads, head_dim]
-        assert diff[attended].max() <= TOLERANCE
+        assert ours.shape == ref.shape == (batch, config.num_key_value_heads, total, ref.shape[-1])
+        assert np.abs(ours - ref).max() <= TOLERANCE
+
+
+def test_decoder_io_read_from_graph(tiny_bundle, session):
+    """The manifest's IO for the decoder is the graph's own (names, dtypes, shapes)."""
+    from omni_runtime.manifest import load_manifest
+    from omni_runtime.sessions import ORT_DTYPES
+
+    spec = load_manifest(tiny_bundle).graph("thinker_decoder")
+    for ours, theirs in ((spec.inputs, session.get_inputs()), (spec.outputs, session.get_outputs())):
+        assert [t.name for t in ours] == [t.name for t in theirs]
+        assert [t.dtype for t in ours] == [ORT_DTYPES[t.type] for t in theirs]
+        assert [list(t.shape) for t in ours] == [list(t.shape) for t in theirs]

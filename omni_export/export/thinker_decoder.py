@@ -1,33 +1,82 @@
-"""Export the thinker decoder: text model layers + final norm + lm_head, with a KV cache.
+"""The thinker decoder graph: text layers + final norm + lm_head, built op by op with onnx-ir.
 
-Graph IO (see docs/bundle-format.md, ``thinker_decoder``)::
+Graph IO (docs/bundle-format.md, ``thinker_decoder``)::
 
-    inputs_embeds [batch, sequence, hidden] float
-    attention_mask [batch, total_sequence] int64
-    position_ids [3, batch, sequence] int64
-    past_key_values.{i}.key / .value [batch, kv_heads, past_sequence, head_dim]
+    inputs_embeds [batch, sequence, hidden] float32
+    position_ids [3, batch, sequence] int64          (TMRoPE axes, computed on the host)
+    seqlens_k [batch] int32                           (tokens in the cache after this step, minus 1)
+    total_sequence_length [] int32                    (max over the batch of seqlens_k + 1)
+    past_key_values.{i}.key / .value [batch, kv_heads, past_sequence, head_dim] float32
     -> logits [batch, 1, vocab] (last position), last_hidden_state [batch, sequence, hidden],
-       present.{i}.key / .value [batch, kv_heads, total_sequence, head_dim]
+       present.{i}.key / .value [batch, kv_heads, present_sequence, head_dim]
 
-The KV cache is owned by the host: the wrapper rebuilds a transformers ``DynamicCache`` from
-the past tensors inside ``forward`` so the transformers layers run unchanged.
+Attention is onnxruntime's GroupQueryAttention: causal, grouped heads, and a KV cache that
+can be one preallocated buffer shared by ``past`` and ``present`` (bound to both with IO
+binding, the decode step then writes one position per layer instead of copying the cache).
+It never builds a [heads, prompt, prompt] tensor larger than the host's prefill chunk.
+
+Weights arrive one decoder layer at a time (``DecoderLayer``, float or ``QuantWeight``) and are
+written to external data as they come, so the builder holds one layer in memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
-from transformers.cache_utils import DynamicCache
-from transformers.initialization import no_init_weights
-from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerTextModel
+import numpy as np
+import onnx_ir as ir
 
-from ..checkpoint import Checkpoint, CheckpointError
-from .onnx_io import ExportedGraph, TensorIO, export_module
+from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
+from .onnx_io import ExportedGraph
 
 GRAPH_NAME = "thinker_decoder"
 FILE_NAME = "thinker_decoder.onnx"
+LINEARS = {  # DecoderLayer field -> checkpoint module path inside a layer
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+F = ir.DataType.FLOAT
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """The thinker text model's shape constants (from its transformers config)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, int, int]
+    max_position_embeddings: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "TextDims":
+        rope = cfg.rope_parameters
+        return cls(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+                   head_dim(cfg), cfg.vocab_size, float(cfg.rms_norm_eps), float(rope["rope_theta"]),
+                   tuple(rope.get("mrope_section", [16, 24, 24])), cfg.max_position_embeddings)
+
+
+@dataclass
+class DecoderLayer:
+    """One decoder layer's weights: two RMSNorm weights and seven linears."""
+
+    input_layernorm: np.ndarray
+    post_attention_layernorm: np.ndarray
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear
+    o_proj: Linear
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
 
 
 def head_dim(config) -> int:
@@ -43,95 +92,107 @@ def present_names(num_layers: int) -> list[str]:
     return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
-class ThinkerDecoder(nn.Module):
-    """The thinker text model and lm_head behind a tensor-only, cache-as-inputs interface."""
-
-    def __init__(self, text_model: Qwen2_5OmniThinkerTextModel, lm_head: nn.Linear):
-        super().__init__()
-        self.text_model = text_model
-        self.lm_head = lm_head
-        self.num_layers = text_model.config.num_hidden_layers
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        cache = DynamicCache(config=self.text_model.config)
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.text_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        hidden = out.last_hidden_state
-        logits = self.lm_head(hidden[:, -1:, :])
-        presents = []
-        for layer in cache.layers:
-            presents += [layer.keys, layer.values]
-        return (logits, hidden, *presents)
+def inverse_frequencies(dims: TextDims) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim / 2], computed as transformers does (float32)."""
+    exponent = np.arange(0, dims.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dims.head_dim)
+    return (1.0 / (np.float32(dims.rope_theta) ** exponent)).astype(np.float32)
 
 
-def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> ThinkerDecoder:
-    """Build the decoder module from the checkpoint's weights (thinker text part only)."""
-    config = ckpt.text_config()
-    with no_init_weights():
-        text_model = Qwen2_5OmniThinkerTextModel(config)
-        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    embedding = ckpt.embed_tokens_name()
-    state = ckpt.read({n: t for n, t in ckpt.thinker_text_names().items() if n != embedding}, dtype)
-    missing, unexpected = text_model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m != "embed_tokens.weight"]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"thinker text weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})",
-            path=ckpt.root, fix="check that config.json belongs to these weights")
-    # The embedding lives in its own graph (thinker_embedding); the decoder takes inputs_embeds.
-    text_model.embed_tokens = None
-    lm_head.load_state_dict(ckpt.read({ckpt.lm_head_name(): "weight"}, dtype))
-    module = ThinkerDecoder(text_model.to(dtype), lm_head.to(dtype)).eval()
-    return module
+def section_mask(dims: TextDims) -> np.ndarray:
+    """[3, 1, 1, head_dim/2] one-hot: which position axis (t, h, w) drives each frequency."""
+    half = dims.head_dim // 2
+    owner = np.concatenate([np.full(n, i % 3) for i, n in enumerate(dims.mrope_section)])
+    if owner.size != half:
+        raise ValueError(f"mrope_section {dims.mrope_section} does not sum to head_dim/2 = {half}")
+    return (owner[None, :] == np.arange(3)[:, None]).astype(np.float32).reshape(3, 1, 1, half)
 
 
-def example_inputs(config, batch: int = 2, sequence: int = 3, past: int = 4, dtype=torch.float32) -> tuple:
-    """Inputs with distinct sizes per dynamic axis, used for tracing and tests."""
-    embeds = torch.randn(batch, sequence, config.hidden_size, dtype=dtype)
-    mask = torch.ones(batch, past + sequence, dtype=torch.int64)
-    positions = (torch.arange(past, past + sequence).view(1, 1, -1).expand(3, batch, -1)).contiguous()
-    kv = [torch.randn(batch, config.num_key_value_heads, past, head_dim(config), dtype=dtype)
-          for _ in range(2 * config.num_hidden_layers)]
-    return (embeds, mask, positions, *kv)
+class _Rotary:
+    """cos/sin of the multimodal rotary embedding, computed once per step from position_ids."""
+
+    def __init__(self, g: GraphBuilder, position_ids: ir.Value, dims: TextDims):
+        freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", position_ids, to=F), g.const([-1])),
+                     g.weight("rotary.inv_freq", inverse_frequencies(dims)))          # [3, B, S, D/2]
+        chosen = g.op("ReduceSum", g.op("Mul", freqs, g.weight("rotary.section_mask", section_mask(dims))),
+                      g.const([0]), keepdims=0)                                           # [B, S, D/2]
+        emb = g.op("Unsqueeze", g.op("Concat", chosen, chosen, axis=-1), g.const([2]))  # [B, S, 1, D]
+        self.cos, self.sin = g.op("Cos", emb), g.op("Sin", emb)
+        self.half = dims.head_dim // 2
+        self.dims = dims
+
+    def apply(self, g: GraphBuilder, x: ir.Value, heads: int) -> ir.Value:
+        """x [B, S, heads * D] -> x * cos + rotate_half(x) * sin, same shape."""
+        d = self.dims.head_dim
+        x4 = g.op("Reshape", x, g.const([0, 0, heads, d]))
+        first, second = g.ops("Split", x4, g.const([self.half, self.half]), outputs=2, axis=-1)
+        rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+        out = g.op("Add", g.op("Mul", x4, self.cos), g.op("Mul", rotated, self.sin))
+        return g.op("Reshape", out, g.const([0, 0, heads * d]))
 
 
-def export(module: ThinkerDecoder, out_dir: Path, onnx_dtype: str = "float32") -> ExportedGraph:
-    config = module.text_model.config
-    layers = config.num_hidden_layers
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    sequence = torch.export.Dim("sequence", min=1, max=config.max_position_embeddings)
-    past = torch.export.Dim("past_sequence", min=0, max=config.max_position_embeddings)
-    total = torch.export.Dim("total_sequence", min=1, max=2 * config.max_position_embeddings)
-    kv_shape = {0: batch, 2: past}
-    dynamic_shapes = (
-        {0: batch, 1: sequence},
-        {0: batch, 1: total},
-        {1: batch, 2: sequence},
-        tuple([kv_shape] * (2 * layers)),  # the *past varargs
-    )
-    args = example_inputs(config, dtype=next(module.parameters()).dtype)
-    input_names = ["inputs_embeds", "attention_mask", "position_ids", *past_names(layers)]
-    output_names = ["logits", "last_hidden_state", *present_names(layers)]
-    with torch.no_grad():
-        external = export_module(module, args, out_dir, FILE_NAME, input_names, output_names, dynamic_shapes)
-    kv_in = ("batch", config.num_key_value_heads, "past_sequence", head_dim(config))
-    kv_out = ("batch", config.num_key_value_heads, "total_sequence", head_dim(config))
-    inputs = (
-        TensorIO("inputs_embeds", onnx_dtype, ("batch", "sequence", config.hidden_size)),
-        TensorIO("attention_mask", "int64", ("batch", "total_sequence")),
-        TensorIO("position_ids", "int64", (3, "batch", "sequence")),
-        *(TensorIO(n, onnx_dtype, kv_in) for n in past_names(layers)),
-    )
-    outputs = (
-        TensorIO("logits", onnx_dtype, ("batch", 1, config.vocab_size)),
-        TensorIO("last_hidden_state", onnx_dtype, ("batch", "sequence", config.hidden_size)),
-        *(TensorIO(n, onnx_dtype, kv_out) for n in present_names(layers)),
-    )
-    return ExportedGraph(FILE_NAME, tuple(external), inputs, outputs)
+def build_graph(
+    dims: TextDims,
+    layers: Iterable[DecoderLayer],
+    final_norm: np.ndarray,
+    lm_head: Callable[[], Linear],
+    out_dir: Path,
+    emit: str = "qdq",
+    accuracy_level: int = 0,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> ExportedGraph:
+    """Write ``thinker_decoder.onnx`` (+ ``.data``) from a stream of layers; returns its IO.
+
+    ``layers`` is consumed one at a time: each layer's weights go to disk before the next is
+    requested. ``lm_head`` is called after the last layer (its weight is the largest tensor).
+    ``on_layer(i, bytes_written)`` is called after each layer's weights are on disk.
+    """
+    g = GraphBuilder(out_dir, FILE_NAME, emit=emit, accuracy_level=accuracy_level)
+    n = dims.num_hidden_layers
+    kv_in = ("batch", dims.num_key_value_heads, "past_sequence", dims.head_dim)
+    embeds = g.input("inputs_embeds", F, ("batch", "sequence", dims.hidden_size))
+    position_ids = g.input("position_ids", ir.DataType.INT64, (3, "batch", "sequence"))
+    seqlens_k = g.input("seqlens_k", ir.DataType.INT32, ("batch",))
+    total = g.input("total_sequence_length", ir.DataType.INT32, ())
+    past = [g.input(name, F, kv_in) for name in past_names(n)]
+    rotary = _Rotary(g, position_ids, dims)
+    presents = []
+    residual, mlp_out = embeds, None
+    count = 0
+    for i, layer in enumerate(layers):
+        p = f"layers.{i}"
+        if mlp_out is None:
+            x = g.rms_norm(residual, layer.input_layernorm, dims.rms_norm_eps, f"{p}.input_layernorm.weight")
+        else:
+            x, residual = g.skip_rms_norm(mlp_out, residual, layer.input_layernorm, dims.rms_norm_eps,
+                                          f"{p}.input_layernorm.weight")
+        q = rotary.apply(g, g.linear(x, layer.q_proj, f"{p}.self_attn.q_proj"), dims.num_attention_heads)
+        k = rotary.apply(g, g.linear(x, layer.k_proj, f"{p}.self_attn.k_proj"), dims.num_key_value_heads)
+        v = g.linear(x, layer.v_proj, f"{p}.self_attn.v_proj")
+        attn, key, value = g.ops("GroupQueryAttention", q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total,
+                                 outputs=3, domain=MS_DOMAIN, num_heads=dims.num_attention_heads,
+                                 kv_num_heads=dims.num_key_value_heads)
+        presents += [key, value]
+        attn = g.linear(attn, layer.o_proj, f"{p}.self_attn.o_proj")
+        x, residual = g.skip_rms_norm(attn, residual, layer.post_attention_layernorm, dims.rms_norm_eps,
+                                      f"{p}.post_attention_layernorm.weight")
+        gate = g.linear(x, layer.gate_proj, f"{p}.mlp.gate_proj")
+        up = g.linear(x, layer.up_proj, f"{p}.mlp.up_proj")
+        mlp_out = g.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), layer.down_proj,
+                           f"{p}.mlp.down_proj")
+        count += 1
+        if on_layer is not None:
+            on_layer(i, g.weights.offset)  # bytes written so far
+    if count != n:
+        raise ValueError(f"expected {n} decoder layers, got {count}")
+    if mlp_out is None:
+        hidden = g.rms_norm(residual, final_norm, dims.rms_norm_eps, "norm.weight")
+    else:
+        hidden, _ = g.skip_rms_norm(mlp_out, residual, final_norm, dims.rms_norm_eps, "norm.weight")
+    last = g.op("Slice", hidden, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
+    logits = g.linear(last, lm_head(), "lm_head")
+    g.output(logits, "logits", F, ("batch", 1, dims.vocab_size))
+    g.output(hidden, "last_hidden_state", F, ("batch", "sequence", dims.hidden_size))
+    kv_out = ("batch", dims.num_key_value_heads, "present_sequence", dims.head_dim)
+    for name, value in zip(present_names(n), presents):
+        g.output(value, name, F, kv_out)
+    return g.save()

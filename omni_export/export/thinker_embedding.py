@@ -1,48 +1,41 @@
-"""Export the thinker token embedding: ``input_ids [batch, sequence] -> inputs_embeds``.
+"""The thinker token embedding graph: ``input_ids [batch, sequence] -> inputs_embeds``.
 
 A graph of its own so the host can splice audio/image/video encoder features into the
-embedding sequence before the decoder runs.
+embedding sequence before the decoder runs. The table is float32, or block-quantized
+(int8/int4 rows, ``QuantWeight``): the graph then gathers the quantized rows with their scales
+and zero points and dequantizes only those (a blocked DequantizeLinear along the hidden axis),
+so the table stays quantized in memory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch import nn
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
 
-from ..checkpoint import Checkpoint
-from .onnx_io import ExportedGraph, TensorIO, export_module
+from ..quant.types import QuantWeight
+from .onnx_graph import GraphBuilder
+from .onnx_io import ExportedGraph
 
 GRAPH_NAME = "thinker_embedding"
 FILE_NAME = "thinker_embedding.onnx"
 
 
-class ThinkerEmbedding(nn.Module):
-    def __init__(self, embed_tokens: nn.Embedding):
-        super().__init__()
-        self.embed_tokens = embed_tokens
-
-    def forward(self, input_ids):
-        return self.embed_tokens(input_ids)
-
-
-def build(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> ThinkerEmbedding:
-    """Build the embedding module from the checkpoint's ``embed_tokens`` weight."""
-    weight = ckpt.read({ckpt.embed_tokens_name(): "weight"}, dtype)["weight"]
-    return ThinkerEmbedding(nn.Embedding.from_pretrained(weight, freeze=True)).eval()
-
-
-def export(module: ThinkerEmbedding, out_dir: Path, onnx_dtype: str = "float32") -> ExportedGraph:
-    vocab, hidden = module.embed_tokens.weight.shape
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    sequence = torch.export.Dim("sequence", min=1, max=1 << 20)
-    args = (torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int64),)
-    with torch.no_grad():
-        external = export_module(module, args, out_dir, FILE_NAME, ["input_ids"], ["inputs_embeds"],
-                                 ({0: batch, 1: sequence},))
-    return ExportedGraph(
-        FILE_NAME, tuple(external),
-        (TensorIO("input_ids", "int64", ("batch", "sequence")),),
-        (TensorIO("inputs_embeds", onnx_dtype, ("batch", "sequence", hidden)),),
-    )
+def build_graph(table: np.ndarray | QuantWeight, out_dir: Path) -> ExportedGraph:
+    """Write ``thinker_embedding.onnx`` for a float [vocab, hidden] or quantized table."""
+    g = GraphBuilder(out_dir, FILE_NAME)
+    ids = g.input("input_ids", ir.DataType.INT64, ("batch", "sequence"))
+    if isinstance(table, QuantWeight):
+        vocab, hidden = table.q.shape
+        qtype = ml_dtypes.uint4 if table.bits == 4 else np.uint8
+        rows = g.op("Gather", g.weight("embed_tokens.qweight", table.q.astype(qtype)), ids, axis=0)
+        scales = g.op("Gather", g.weight("embed_tokens.scales", table.scales.astype(np.float32)), ids, axis=0)
+        zeros = g.op("Gather", g.weight("embed_tokens.zero_points", table.zeros.astype(qtype)), ids, axis=0)
+        embeds = g.op("DequantizeLinear", rows, scales, zeros, axis=2, block_size=int(table.group_size))
+    else:
+        vocab, hidden = table.shape
+        embeds = g.op("Gather", g.weight("embed_tokens.weight", table.astype(np.float32)), ids, axis=0)
+    g.output(embeds, "inputs_embeds", ir.DataType.FLOAT, ("batch", "sequence", hidden))
+    return g.save()

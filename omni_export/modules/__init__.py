@@ -1,0 +1,17 @@
+"""The module registry: each exported module (thinker now; audio, vision, talker, token2wav with
+their issues) is one entry with its graphs, its manifest ``config`` block, its memory estimate
+and the recipe section that governs it. ``omni-export build`` loops over the recipe's modules.
+
+A module's name is found in four places: its exporter (``omni_export/export/<name>_*.py``),
+its host-side preparation, its runtime stage (``omni_runtime/<name>.py``) and its parity test
+(``tests/test_<name>_*_parity.py``).
+"""
+
+from __future__ import annotations
+
+from .base import BuildContext, Module
+from .thinker import ThinkerModule
+
+REGISTRY: dict[str, type[Module]] = {ThinkerModule.name: ThinkerModule}
+
+__all__ = ["REGISTRY", "BuildContext", "Module", "ThinkerModule"]

@@ -1,0 +1,1 @@
+"""Quantization: int4/int8 block formats, RTN, AWQ, AutoAWQ checkpoints."""

@@ -1,0 +1,85 @@
+"""The canonical block-quantized weight shared by RTN, AWQ, AutoAWQ import and the graph builder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Bit widths a :class:`QuantWeight` may have (levels stored one per uint8).
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def n_blocks(k: int, group_size: int) -> int:
+    """Number of quantization blocks along K: ``ceil(k / group_size)``."""
+    return -(-int(k) // int(group_size))
+
+
+@dataclass
+class QuantWeight:
+    """Block-wise quantized linear or embedding weight.
+
+    ``q`` uint8 [N, K] integer levels (0..15 for 4 bits, 0..255 for 8), ``scales`` float32 [N, G]
+    and ``zeros`` uint8 [N, G] with G = ceil(K / group_size) (the last block may be partial).
+    Row ``n`` is output feature ``n`` (a torch ``nn.Linear.weight`` row), column ``k`` input
+    feature ``k``; blocks run along K.
+    """
+
+    q: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    group_size: int
+    bits: int = 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the float weight."""
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    @property
+    def n_blocks(self) -> int:
+        return n_blocks(self.q.shape[1], self.group_size)
+
+    def validate(self) -> "QuantWeight":
+        """Check dtypes, shapes and level ranges; returns self (raises ValueError)."""
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.q.dtype != np.uint8 or self.zeros.dtype != np.uint8 or self.scales.dtype != np.float32:
+            raise ValueError(
+                f"QuantWeight dtypes must be q uint8, scales float32, zeros uint8; got "
+                f"{self.q.dtype}, {self.scales.dtype}, {self.zeros.dtype}"
+            )
+        if self.q.ndim != 2:
+            raise ValueError(f"q must be 2-D [N, K], got shape {self.q.shape}")
+        n, k = self.q.shape
+        g = n_blocks(k, self.group_size)
+        if self.scales.shape != (n, g) or self.zeros.shape != (n, g):
+            raise ValueError(
+                f"scales/zeros must be [{n}, {g}] for K={k}, group_size={self.group_size}; got "
+                f"{self.scales.shape} and {self.zeros.shape}"
+            )
+        top = (1 << self.bits) - 1
+        if (self.q.size and int(self.q.max()) > top) or (self.zeros.size and int(self.zeros.max()) > top):
+            raise ValueError(f"levels above {top} in a {self.bits}-bit QuantWeight")
+        return self
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K]: (q - zeros[:, k // gs]) * scales[:, k // gs]."""
+        k = self.q.shape[1]
+        zeros = np.repeat(self.zeros.astype(np.float32), self.group_size, axis=1)[:, :k]
+        scales = np.repeat(self.scales.astype(np.float32), self.group_size, axis=1)[:, :k]
+        return (self.q.astype(np.float32) - zeros) * scales
+
+    def equals(self, other: "QuantWeight") -> bool:
+        """Bit-for-bit equality of levels, scales, zero points, group size and bits."""
+        return (
+            self.group_size == other.group_size
+            and self.bits == other.bits
+            and self.q.dtype == other.q.dtype
+            and self.scales.dtype == other.scales.dtype
+            and self.zeros.dtype == other.zeros.dtype
+            and np.array_equal(self.q, other.q)
+            and np.array_equal(self.zeros, other.zeros)
+            and self.scales.shape == other.scales.shape
+            and np.array_equal(self.scales.view(np.uint32), other.scales.view(np.uint32))
+        )
