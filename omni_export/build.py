@@ -103,7 +103,8 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
             "generation": generation,
             "config": config,
             "build": {"seconds": round(time.perf_counter() - started, 2),
-                      "layer_seconds": [round(t, 3) for t in ctx.stats.get("thinker", {}).get("layer_seconds", [])]},
+                      "layer_seconds": [round(t, 3) for t in ctx.stats.get("thinker", {}).get("layer_seconds", [])],
+                      **({"awq": ctx.stats["awq"]} if ctx.stats.get("awq") else {})},
         }
         path = writer.commit(manifest)
     return path
