@@ -165,9 +165,10 @@ def build_graph(
         else:
             x, residual = g.skip_rms_norm(mlp_out, residual, layer.input_layernorm, dims.rms_norm_eps,
                                           f"{p}.input_layernorm.weight")
-        q = rotary.apply(g, g.linear(x, layer.q_proj, f"{p}.self_attn.q_proj"), dims.num_attention_heads)
-        k = rotary.apply(g, g.linear(x, layer.k_proj, f"{p}.self_attn.k_proj"), dims.num_key_value_heads)
-        v = g.linear(x, layer.v_proj, f"{p}.self_attn.v_proj")
+        q, k, v = g.linears(x, [layer.q_proj, layer.k_proj, layer.v_proj],
+                            [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")])
+        q = rotary.apply(g, q, dims.num_attention_heads)
+        k = rotary.apply(g, k, dims.num_key_value_heads)
         attn, key, value = g.ops("GroupQueryAttention", q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total,
                                  outputs=3, domain=MS_DOMAIN, num_heads=dims.num_attention_heads,
                                  kv_num_heads=dims.num_key_value_heads)
@@ -175,8 +176,7 @@ def build_graph(
         attn = g.linear(attn, layer.o_proj, f"{p}.self_attn.o_proj")
         x, residual = g.skip_rms_norm(attn, residual, layer.post_attention_layernorm, dims.rms_norm_eps,
                                       f"{p}.post_attention_layernorm.weight")
-        gate = g.linear(x, layer.gate_proj, f"{p}.mlp.gate_proj")
-        up = g.linear(x, layer.up_proj, f"{p}.mlp.up_proj")
+        gate, up = g.linears(x, [layer.gate_proj, layer.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
         mlp_out = g.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), layer.down_proj,
                            f"{p}.mlp.down_proj")
         count += 1
