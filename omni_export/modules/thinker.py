@@ -30,6 +30,7 @@ from ..quant.types import QuantWeight
 from .base import BuildContext, Module
 
 TABLE_BITS = {"int8": 8, "int4": 4}
+ROWS_PER_SLICE = 8192
 
 
 class ThinkerModule(Module):
@@ -102,7 +103,16 @@ class ThinkerModule(Module):
     def _quantize(self, weight: np.ndarray, bits: int, clip=None) -> QuantWeight:
         from ..quant import rtn
 
-        return rtn.quantize(weight, self.settings.group_size, bits=bits, symmetric=self.settings.symmetric, clip=clip)
+        # Rows are independent: quantize in slices so the temporaries stay small next to the
+        # embedding table / lm_head (152064 x 3584 floats for the real 7B).
+        parts = [rtn.quantize(weight[r:r + ROWS_PER_SLICE], self.settings.group_size, bits=bits,
+                              symmetric=self.settings.symmetric,
+                              clip=None if clip is None else clip[r:r + ROWS_PER_SLICE])
+                 for r in range(0, weight.shape[0], ROWS_PER_SLICE)]
+        if len(parts) == 1:
+            return parts[0]
+        return QuantWeight(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
+                           np.concatenate([p.zeros for p in parts]), parts[0].group_size, bits)
 
     def _quantize_layer(self, i: int, layer: DecoderLayer, clips: dict | None = None) -> DecoderLayer:
         for field, path in LINEARS.items():
