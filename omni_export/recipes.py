@@ -1,54 +1,270 @@
-"""Build recipes: what to export and how (dtype, quantization, components).
+"""Build recipes: which modules to export and how (weights, quantization method, calibration).
 
 A recipe is a YAML file. Built-in recipes live in the repository's ``recipes/`` folder
 (installed as the ``omni_export.builtin_recipes`` package); ``--recipe`` takes a built-in name or a
-path to a YAML file. Schema (version 1)::
+path to a YAML file. ``recipes/README.md`` documents schema version 2::
 
-    schema_version: 1            # required, must be 1
-    name: fp32                   # required, [a-z0-9_-]+
+    schema_version: 2            # required, must be 2
+    name: awq                    # required, [a-z0-9_-]+
     description: text            # optional
-    dtype: float32               # required: float32 (float16 arrives with the GPU recipes)
-    quantization: null           # required key: null (awq / w8a8 arrive with their issue)
-    components: [thinker]        # required, non-empty subset of the known components
+    modules:                     # required, non-empty: module name -> settings (see MODULES)
+      thinker:
+        weights: int4            # float32 | float16 | int4 | int8 (int8: w8a8 recipe, not yet)
+        method: awq              # none | rtn | awq
+        group_size: 128
+        symmetric: false
+        accuracy_level: 4
+        keep_float: []
+        lm_head: int8
+        embeddings: int8
+        emit: qdq
+    calibration:                 # only when a module uses method awq (defaults filled if omitted)
+      source: builtin
+      samples: 4
+      sequence_length: 128
 
-Unknown keys and bad values are errors naming the recipe file, the key and the fix.
+Omitted module keys take the defaults of ``KEYS``. Every unknown module, key or value is a
+:class:`RecipeError` naming the recipe file, the key and the valid choices. A schema version 1
+file gets an error that spells out its version 2 equivalent.
+
+This module is imported for early input validation: it imports nothing heavy (no torch).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from omni_runtime.errors import OmniError
 
-SCHEMA_VERSION = 1
-DTYPES = ("float32",)
-COMPONENTS = ("thinker",)
-KEYS = {"schema_version", "name", "description", "dtype", "quantization", "components"}
-REQUIRED = KEYS - {"description"}
+SCHEMA_VERSION = 2
+TOP_KEYS = ("schema_version", "name", "description", "modules", "calibration")
+V1_KEYS = ("dtype", "quantization", "components")
+
+FLOAT_WEIGHTS = ("float32", "float16")
+INT_WEIGHTS = ("int4", "int8")
+WEIGHTS = FLOAT_WEIGHTS + INT_WEIGHTS
+METHODS = ("none", "rtn", "awq")
+INT_METHODS = ("rtn", "awq")
+TABLE_DTYPES = ("float32", "int8", "int4")  # lm_head and embeddings
+EMITS = ("qdq", "matmulnbits")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+#: Values the schema knows but this omni-export cannot build yet: (key, value) -> (problem, fix).
+NOT_YET = {
+    ("weights", "int8"): ("int8 weights arrive with the w8a8 recipe",
+                          "use weights: int4 (method rtn or awq) or a float weights type"),
+}
+
+CALIBRATION_KEYS = ("source", "samples", "sequence_length")
+CALIBRATION_DEFAULTS = {"source": "builtin", "samples": 4, "sequence_length": 128}
 
 
 class RecipeError(OmniError):
     """A recipe name is unknown or a recipe file is invalid."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Module keys: how each is checked, its valid choices (for messages) and its default.
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_float(weights: str) -> bool:
+    return weights in FLOAT_WEIGHTS
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    choices: str  # the valid values, as shown in error messages
+    check: Callable[[Any], bool]
+    default: Callable[[dict], Any]  # from the keys resolved so far (KEYS order)
+    default_doc: str
+
+
+def _one_of(values: tuple) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, type(values[0])) and not isinstance(v, bool) and v in values
+
+
+#: Every module key, in resolution order (defaults of later keys may depend on ``weights``).
+KEYS: dict[str, KeySpec] = {
+    "weights": KeySpec(" | ".join(WEIGHTS), _one_of(WEIGHTS), lambda m: "float32", "float32"),
+    "method": KeySpec(" | ".join(METHODS), _one_of(METHODS),
+                      lambda m: "none" if _is_float(m["weights"]) else "rtn",
+                      "none for float weights, rtn for int4"),
+    "group_size": KeySpec("a positive multiple of 16 (e.g. 32, 64, 128)",
+                          lambda v: _is_int(v) and v > 0 and v % 16 == 0, lambda m: 128, "128"),
+    "symmetric": KeySpec("true | false", lambda v: isinstance(v, bool), lambda m: False, "false"),
+    "accuracy_level": KeySpec("0 | 1 | 2 | 3 | 4", _one_of(ACCURACY_LEVELS), lambda m: 4, "4"),
+    "keep_float": KeySpec("a list of linear names or glob patterns (e.g. layers.0.mlp.down_proj, *.k_proj)",
+                          lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
+                          lambda m: [], "[]"),
+    "lm_head": KeySpec(" | ".join(TABLE_DTYPES), _one_of(TABLE_DTYPES),
+                       lambda m: "float32" if _is_float(m["weights"]) else "int8",
+                       "float32 for float weights, int8 for int4"),
+    "embeddings": KeySpec(" | ".join(TABLE_DTYPES), _one_of(TABLE_DTYPES),
+                          lambda m: "float32" if _is_float(m["weights"]) else "int8",
+                          "float32 for float weights, int8 for int4"),
+    "emit": KeySpec("qdq | matmulnbits", _one_of(EMITS), lambda m: "qdq", "qdq"),
+}
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A module a recipe can configure: its allowed keys and the linear layers of one block."""
+
+    description: str
+    keys: tuple[str, ...]
+    #: linear layers of one block; ``keep_float`` names are ``layers.<i>.<linear>``
+    linears: tuple[str, ...]
+    layer_prefix: str = "layers"
+
+
+#: Known modules. Adding one (audio/vision encoders, talker, token2wav) is one entry here.
+MODULES: dict[str, ModuleSpec] = {
+    "thinker": ModuleSpec(
+        description="the thinker's text decoder, with its token embeddings and lm_head",
+        keys=tuple(KEYS),
+        linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    ),
+}
+
+#: Modules of Qwen2.5-Omni that recipes will configure once their export lands.
+PLANNED_MODULES = ("audio_encoder", "vision_encoder", "talker", "token2wav")
+
+#: Layer indices tried when checking that a keep_float pattern can match a linear.
+_MAX_LAYERS = 1000
+
+
+@dataclass(frozen=True)
+class ModuleRecipe:
+    """The validated settings of one module (every key filled, defaults included)."""
+
+    name: str
+    weights: str
+    method: str
+    group_size: int
+    symmetric: bool
+    accuracy_level: int
+    keep_float: tuple[str, ...]
+    lm_head: str | None
+    embeddings: str | None
+    emit: str
+
+    @property
+    def quantized(self) -> bool:
+        """True if the module's linear weights are integer (int4)."""
+        return self.weights in INT_WEIGHTS
+
+    @property
+    def float_dtype(self) -> str:
+        """The float type of the module's activations and non-quantized weights."""
+        return self.weights if self.weights in FLOAT_WEIGHTS else "float32"
+
+    def keeps_float(self, linear: str) -> bool:
+        """True if ``linear`` (e.g. ``layers.0.mlp.down_proj``) matches a ``keep_float`` entry."""
+        return any(fnmatch.fnmatchcase(linear, pattern) for pattern in self.keep_float)
+
+    def to_json(self) -> dict:
+        keys = MODULES[self.name].keys
+        return {key: list(self.keep_float) if key == "keep_float" else getattr(self, key) for key in keys}
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    """Calibration data for AWQ: the built-in conversations or a JSONL file."""
+
+    source: str  # "builtin" or "file"
+    samples: int
+    sequence_length: int
+    file: Path | None = None  # the JSONL file when source is "file"
+    sha256: str | None = None  # of that file, recorded in the manifest
+
+    def to_json(self) -> dict:
+        data = {"source": self.source, "samples": self.samples, "sequence_length": self.sequence_length}
+        if self.file is not None:
+            data.update(file=self.file.name, sha256=self.sha256)
+        return data
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
-    dtype: str
-    quantization: dict | None
-    components: tuple[str, ...]
+    modules: dict[str, ModuleRecipe] = field(hash=False)
+    calibration: CalibrationRecipe | None
     source: str
 
+    def module(self, name: str) -> ModuleRecipe:
+        """The settings of module ``name``; RecipeError if the recipe does not export it."""
+        if name not in self.modules:
+            known = f"unknown module {name!r}" if name not in MODULES else f"the recipe does not export {name!r}"
+            raise RecipeError(known, path=self.source,
+                              fix=f"the recipe's modules are: {', '.join(self.modules)}")
+        return self.modules[name]
+
     def to_json(self) -> dict:
-        return {"name": self.name, "description": self.description, "dtype": self.dtype,
-                "quantization": self.quantization, "components": list(self.components),
-                "schema_version": SCHEMA_VERSION}
+        """The recipe as recorded in the bundle manifest (``recipe``)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "description": self.description,
+            "modules": {name: module.to_json() for name, module in self.modules.items()},
+            "calibration": None if self.calibration is None else self.calibration.to_json(),
+        }
+
+    def with_calibration_file(self, path: str | Path) -> Recipe:
+        """This recipe calibrating on the JSONL file ``path`` (``--calib FILE``), checked now."""
+        path = Path(path)
+        if self.calibration is None:
+            raise RecipeError(f"recipe {self.name!r} does not calibrate (no module uses method awq), "
+                              "so it has no use for a calibration file", path=path,
+                              fix="drop --calib, or use a recipe with method awq such as --recipe awq")
+        return dataclasses.replace(self, calibration=_file_calibration(self.calibration, path))
+
+    # -- temporary compatibility with the schema-1 build (remove when build.py reads .modules) --
+
+    @property
+    def dtype(self) -> str:
+        """TEMPORARY: the thinker's float type (``float32``), for the schema-1 build code."""
+        return self.module("thinker").float_dtype
+
+    @property
+    def quantization(self) -> None:
+        """TEMPORARY: None for a float thinker; the schema-1 build cannot quantize."""
+        if self.module("thinker").quantized:
+            raise RecipeError(f"recipe {self.name!r} quantizes the thinker, which this build does not do yet",
+                              path=self.source, fix="use --recipe fp32")
+        return None
+
+
+def recipe_summary(recipe_json: dict) -> str:
+    """One line describing a manifest's ``recipe`` object (schema 2, or 1 from older bundles)."""
+    if recipe_json.get("schema_version") != SCHEMA_VERSION:
+        return f"{recipe_json.get('dtype')}, quantization {recipe_json.get('quantization')}"
+    parts = []
+    for name, m in (recipe_json.get("modules") or {}).items():
+        text = f"{name} {m.get('weights')}"
+        if m.get("method") not in (None, "none"):
+            sym = "sym" if m.get("symmetric") else "asym"
+            text += f" {m['method']} g{m.get('group_size')} {sym}"
+        for table in ("lm_head", "embeddings"):
+            if m.get(table) is not None:
+                text += f", {table} {m[table]}"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def builtin_names() -> list[str]:
@@ -57,14 +273,16 @@ def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(name_or_path: str) -> Recipe:
+def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load a built-in recipe by name, or a recipe YAML file by path, and validate it."""
+    name_or_path = str(name_or_path)
     path = Path(name_or_path)
+    base = None
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise RecipeError("recipe file does not exist", path=path,
                               fix=f"use a built-in recipe ({', '.join(builtin_names())}) or an existing YAML file")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        text, source, base = path.read_text(encoding="utf-8"), str(path), path.parent
     else:
         if name_or_path not in builtin_names():
             raise RecipeError(f"unknown recipe {name_or_path!r}", path=f"recipes/{name_or_path}.yaml",
@@ -75,37 +293,162 @@ def load_recipe(name_or_path: str) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"not valid YAML ({exc})", path=source, fix="fix the YAML syntax") from None
-    return parse_recipe(data, source)
+    return parse_recipe(data, source, base=base)
 
 
-def parse_recipe(data, source: str) -> Recipe:
-    """Validate a recipe mapping read from ``source`` (used in messages)."""
+def parse_recipe(data, source: str, base: Path | None = None) -> Recipe:
+    """Validate a recipe mapping read from ``source`` (used in messages). A relative calibration
+    ``source`` path is taken relative to ``base`` (the recipe file's folder; None: not allowed)."""
     def bad(problem: str, fix: str):
         return RecipeError(problem, path=source, fix=fix)
 
     if not isinstance(data, dict):
         raise bad("a recipe must be a YAML mapping", "write `key: value` lines (see recipes/fp32.yaml)")
-    unknown = sorted(set(data) - KEYS)
-    if unknown:
-        raise bad(f"unknown recipe key(s): {', '.join(unknown)}",
-                  f"remove them; allowed keys are {', '.join(sorted(KEYS))}")
-    missing = sorted(REQUIRED - set(data))
-    if missing:
-        raise bad(f"missing recipe key(s): {', '.join(missing)}", "add them (see recipes/fp32.yaml)")
-    if data["schema_version"] != SCHEMA_VERSION:
-        raise bad(f"schema_version is {data['schema_version']!r}, this omni-export reads {SCHEMA_VERSION}",
-                  f"set schema_version: {SCHEMA_VERSION}")
+    version = data.get("schema_version")
+    if version == 1 or (version is None and any(k in data for k in V1_KEYS)):
+        raise bad("this is a schema version 1 recipe (dtype, quantization, components); "
+                  f"this omni-export reads schema version {SCHEMA_VERSION}", _v1_conversion(data))
+    if "schema_version" not in data:
+        raise bad("missing recipe key: schema_version", f"add schema_version: {SCHEMA_VERSION} as the first line")
+    if version != SCHEMA_VERSION:
+        raise bad(f"schema_version is {version!r}, this omni-export reads {SCHEMA_VERSION}",
+                  f"set schema_version: {SCHEMA_VERSION} (see recipes/README.md)")
+    for key in data:
+        if key in V1_KEYS:
+            raise bad(f"recipe key {key!r} belongs to schema version 1", _v1_conversion(data))
+        if key not in TOP_KEYS:
+            raise bad(f"unknown recipe key {key!r}", f"remove it; the recipe keys are: {', '.join(TOP_KEYS)}")
+    for key in ("name", "modules"):
+        if key not in data:
+            raise bad(f"missing recipe key: {key}", "add it (see recipes/fp32.yaml)")
     name = data["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9_-]+", name):
         raise bad(f"name {name!r} must match [a-z0-9_-]+", "use a short lowercase name such as fp32")
-    if data["dtype"] not in DTYPES:
-        raise bad(f"dtype {data['dtype']!r} is not supported", f"use one of: {', '.join(DTYPES)}")
-    if data["quantization"] is not None:
-        raise bad(f"quantization {data['quantization']!r} is not supported yet",
-                  "set quantization: null (awq and w8a8 recipes are on the roadmap)")
-    comps = data["components"]
-    if not isinstance(comps, list) or not comps or any(c not in COMPONENTS for c in comps):
-        raise bad(f"components {comps!r} must be a non-empty list of {', '.join(COMPONENTS)}",
-                  f"use components: [{', '.join(COMPONENTS)}]")
-    description = data.get("description") or ""
-    return Recipe(name, str(description), data["dtype"], None, tuple(comps), source)
+    description = data.get("description")
+    if description is None:
+        description = ""
+    if not isinstance(description, str):
+        raise bad(f"description must be text, got {description!r}", "write description: followed by one line of text")
+
+    raw_modules = data["modules"]
+    if not isinstance(raw_modules, dict) or not raw_modules:
+        raise bad(f"modules must be a non-empty mapping of module name -> settings, got {raw_modules!r}",
+                  f"write e.g. `modules: {{thinker: {{weights: float32}}}}`; known modules: {', '.join(MODULES)}")
+    modules = {}
+    for module_name, settings in raw_modules.items():
+        modules[module_name] = _parse_module(module_name, settings, bad)
+
+    uses_awq = [m.name for m in modules.values() if m.method == "awq"]
+    raw_cal = data.get("calibration")
+    if raw_cal is not None and not uses_awq:
+        raise bad("calibration is set but no module uses method awq",
+                  "remove the calibration section, or set method: awq on a module")
+    calibration = _parse_calibration(raw_cal, bad, source, base) if uses_awq else None
+    return Recipe(name, description, modules, calibration, source)
+
+
+def _parse_module(name, settings, bad) -> ModuleRecipe:
+    if name not in MODULES:
+        problem = (f"module {name!r} cannot be exported yet" if name in PLANNED_MODULES
+                   else f"unknown module {name!r} in modules")
+        raise bad(problem, f"use one of: {', '.join(MODULES)}")
+    spec = MODULES[name]
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        raise bad(f"modules.{name} must be a mapping of settings, got {settings!r}",
+                  f"write e.g. `{name}: {{weights: int4, method: rtn}}`; keys: {', '.join(spec.keys)}")
+    for key in settings:
+        if key not in spec.keys:
+            raise bad(f"unknown key {key!r} in modules.{name}", f"use one of: {', '.join(spec.keys)}")
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        if key not in spec.keys:
+            values[key] = None
+            continue
+        ks = KEYS[key]
+        if key not in settings:
+            values[key] = ks.default(values)
+            continue
+        value = settings[key]
+        if not ks.check(value):
+            raise bad(f"modules.{name}.{key}: {value!r} is not valid", f"use {ks.choices}")
+        values[key] = value
+    for (key, value), (problem, fix) in NOT_YET.items():
+        if values.get(key) == value:
+            raise bad(f"modules.{name}.{key}: {problem}", fix)
+    weights, method = values["weights"], values["method"]
+    if weights in INT_WEIGHTS and method not in INT_METHODS:
+        raise bad(f"modules.{name}: weights {weights} needs method rtn or awq, got {method}",
+                  "set method: rtn (round to nearest, no calibration) or method: awq (calibrated)")
+    if weights in FLOAT_WEIGHTS and method != "none":
+        raise bad(f"modules.{name}: method {method} quantizes, but weights is {weights}",
+                  f"set weights: int4 to quantize with {method}, or method: none to keep {weights}")
+    if values["keep_float"] is not None:
+        for pattern in values["keep_float"]:
+            if not _matches_some_linear(spec, pattern):
+                example = f"{spec.layer_prefix}.<i>.<linear>"
+                raise bad(f"modules.{name}.keep_float: {pattern!r} matches no linear layer of the {name}",
+                          f"write names as {example} or glob patterns such as *.{spec.linears[1].split('.')[-1]}; "
+                          f"the linears are: {', '.join(spec.linears)}")
+        values["keep_float"] = tuple(values["keep_float"])
+    return ModuleRecipe(name=name, **values)
+
+
+def _matches_some_linear(spec: ModuleSpec, pattern: str) -> bool:
+    regex = re.compile(fnmatch.translate(pattern))
+    return any(regex.match(f"{spec.layer_prefix}.{i}.{linear}")
+               for i in range(_MAX_LAYERS) for linear in spec.linears)
+
+
+def _parse_calibration(raw, bad, source: str, base: Path | None) -> CalibrationRecipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise bad(f"calibration must be a mapping, got {raw!r}",
+                  "write e.g. `calibration: {source: builtin, samples: 4, sequence_length: 128}`")
+    for key in raw:
+        if key not in CALIBRATION_KEYS:
+            raise bad(f"unknown key {key!r} in calibration", f"use one of: {', '.join(CALIBRATION_KEYS)}")
+    values = {**CALIBRATION_DEFAULTS, **raw}
+    for key in ("samples", "sequence_length"):
+        if not _is_int(values[key]) or values[key] < 1:
+            raise bad(f"calibration.{key}: {values[key]!r} is not valid", "use a positive integer")
+    src = values["source"]
+    if not isinstance(src, str) or not src:
+        raise bad(f"calibration.source: {src!r} is not valid",
+                  "use builtin, or the path of a JSONL file of conversations")
+    cal = CalibrationRecipe("builtin", values["samples"], values["sequence_length"])
+    if src == "builtin":
+        return cal
+    path = Path(src).expanduser()
+    if not path.is_absolute():
+        if base is None:
+            raise bad(f"calibration.source: relative path {src!r} in a built-in recipe",
+                      "pass the file with --calib FILE instead")
+        path = base / path
+    return _file_calibration(cal, path, recipe_source=source)
+
+
+def _file_calibration(cal: CalibrationRecipe, path: Path, recipe_source: str | None = None) -> CalibrationRecipe:
+    """``cal`` reading ``path``, whose content is checked now (a CalibrationError otherwise)."""
+    from .calibration import load_calibration_file
+
+    if not path.is_file():
+        raise RecipeError("calibration file does not exist", path=path,
+                          fix="pass an existing JSONL file of conversations (one messages list per line)"
+                          + (f"; it is named by calibration.source in {recipe_source}" if recipe_source else ""))
+    load_calibration_file(path)
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return dataclasses.replace(cal, source="file", file=path, sha256=sha256)
+
+
+def _v1_conversion(data: dict) -> str:
+    """The fix of a schema-1 recipe: its schema-2 equivalent."""
+    dtype = data.get("dtype") if data.get("dtype") in FLOAT_WEIGHTS else "float32"
+    comps = data.get("components")
+    comps = [c for c in comps if c in MODULES] if isinstance(comps, list) else []
+    modules = ", ".join(f"{c}: {{weights: {dtype}, method: none}}" for c in comps or ["thinker"])
+    return ("convert it to schema version 2: set `schema_version: 2` and replace `dtype`, `quantization` and "
+            f"`components` with `modules: {{{modules}}}` (recipes/README.md describes version 2; "
+            "for int4 see recipes/int4-rtn.yaml and recipes/awq.yaml)")

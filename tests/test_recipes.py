@@ -1,56 +1,290 @@
-"""Recipe loading and validation."""
+"""Recipe loading and validation (schema version 2, recipes/README.md)."""
+
+import json
+import subprocess
+import sys
 
 import pytest
+import yaml
 
-from omni_export.recipes import RecipeError, builtin_names, load_recipe, parse_recipe
+from omni_export.recipes import (
+    KEYS,
+    MODULES,
+    RecipeError,
+    builtin_names,
+    load_recipe,
+    parse_recipe,
+    recipe_summary,
+)
 
-VALID = {"schema_version": 1, "name": "mine", "dtype": "float32", "quantization": None, "components": ["thinker"]}
+SOURCE = "recipes/mine.yaml"
+
+
+def recipe(**thinker):
+    return {"schema_version": 2, "name": "mine", "modules": {"thinker": thinker}}
+
+
+def rejected(data, *needles, source=SOURCE):
+    """parse_recipe(data) raises a RecipeError naming the file, a fix and every needle."""
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data, source)
+    message = str(info.value)
+    assert info.value.path == source and "fix:" in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+# -- built-in recipes ------------------------------------------------------------------------
+
+
+def test_builtin_names():
+    assert {"fp32", "int4-rtn", "awq"} <= set(builtin_names())
 
 
 def test_builtin_fp32():
-    assert "fp32" in builtin_names()
-    recipe = load_recipe("fp32")
-    assert (recipe.name, recipe.dtype, recipe.quantization, recipe.components) == ("fp32", "float32", None, ("thinker",))
+    r = load_recipe("fp32")
+    assert (r.name, list(r.modules), r.calibration) == ("fp32", ["thinker"], None)
+    t = r.module("thinker")
+    assert (t.weights, t.method, t.embeddings, t.lm_head, t.quantized) == ("float32", "none", "float32", "float32", False)
+    assert r.dtype == "float32"  # temporary schema-1 compatibility for build.py
+    assert r.quantization is None
+
+
+@pytest.mark.parametrize("name,method", [("int4-rtn", "rtn"), ("awq", "awq")])
+def test_builtin_int4(name, method):
+    r = load_recipe(name)
+    t = r.module("thinker")
+    assert (t.weights, t.method, t.group_size, t.symmetric, t.accuracy_level) == ("int4", method, 128, False, 4)
+    assert (t.lm_head, t.embeddings, t.keep_float, t.emit) == ("int8", "int8", (), "qdq")
+    assert t.quantized and t.float_dtype == "float32" and r.dtype == "float32"
+    if method == "awq":
+        cal = r.calibration
+        assert (cal.source, cal.samples, cal.sequence_length, cal.file) == ("builtin", 4, 128, None)
+    else:
+        assert r.calibration is None
+
+
+def test_to_json_for_the_manifest():
+    data = load_recipe("awq").to_json()
+    assert json.loads(json.dumps(data)) == data
+    assert data["schema_version"] == 2 and data["name"] == "awq"
+    assert data["modules"]["thinker"] == {
+        "weights": "int4", "method": "awq", "group_size": 128, "symmetric": False, "accuracy_level": 4,
+        "keep_float": [], "lm_head": "int8", "embeddings": "int8", "emit": "qdq"}
+    assert data["calibration"] == {"source": "builtin", "samples": 4, "sequence_length": 128}
+    assert load_recipe("fp32").to_json()["calibration"] is None
+    assert recipe_summary(data) == "thinker int4 awq g128 asym, lm_head int8, embeddings int8"
+    assert recipe_summary({"name": "fp32", "dtype": "float32", "quantization": None}) == "float32, quantization None"
+
+
+# -- files and defaults ----------------------------------------------------------------------
 
 
 def test_recipe_file(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("schema_version: 1\nname: r\ndtype: float32\nquantization: null\ncomponents: [thinker]\n")
-    assert load_recipe(str(path)).name == "r"
+    path.write_text("schema_version: 2\nname: r\nmodules:\n  thinker:\n    weights: int4\n    method: rtn\n"
+                    "    group_size: 64\n    symmetric: true\n    keep_float: ['*.k_proj', layers.0.mlp.down_proj]\n"
+                    "    emit: matmulnbits\n    accuracy_level: 0\n")
+    r = load_recipe(str(path))
+    t = r.module("thinker")
+    assert (r.name, r.source, t.group_size, t.symmetric, t.emit, t.accuracy_level) == \
+        ("r", str(path), 64, True, "matmulnbits", 0)
+    assert t.keep_float == ("*.k_proj", "layers.0.mlp.down_proj")
+    assert t.keeps_float("layers.7.self_attn.k_proj") and t.keeps_float("layers.0.mlp.down_proj")
+    assert not t.keeps_float("layers.1.mlp.down_proj") and not t.keeps_float("layers.0.self_attn.q_proj")
+
+
+def test_defaults_float():
+    for settings in (None, {}):
+        data = {"schema_version": 2, "name": "mine", "modules": {"thinker": settings}}
+        t = parse_recipe(data, SOURCE).module("thinker")
+        assert (t.weights, t.method, t.lm_head, t.embeddings) == ("float32", "none", "float32", "float32")
+        assert (t.group_size, t.symmetric, t.accuracy_level, t.keep_float, t.emit) == (128, False, 4, (), "qdq")
+
+
+def test_defaults_int4_and_awq_calibration():
+    t = parse_recipe(recipe(weights="int4"), SOURCE).module("thinker")
+    assert (t.method, t.group_size, t.symmetric, t.accuracy_level, t.lm_head, t.embeddings, t.emit) == \
+        ("rtn", 128, False, 4, "int8", "int8", "qdq")
+    r = parse_recipe(recipe(weights="int4", method="awq"), SOURCE)
+    assert (r.calibration.source, r.calibration.samples, r.calibration.sequence_length) == ("builtin", 4, 128)
+    data = {**recipe(weights="int4", method="awq"), "calibration": {"samples": 8}}
+    assert parse_recipe(data, SOURCE).calibration.samples == 8
+    assert parse_recipe(data, SOURCE).calibration.sequence_length == 128
+
+
+def test_calibration_file_in_recipe_and_with_calib(tmp_path):
+    calib = tmp_path / "data" / "chats.jsonl"
+    calib.parent.mkdir()
+    calib.write_text('[{"role": "user", "content": "hi"}]\n')
+    path = tmp_path / "r.yaml"
+    path.write_text("schema_version: 2\nname: r\nmodules: {thinker: {weights: int4, method: awq}}\n"
+                    "calibration: {source: data/chats.jsonl, samples: 2, sequence_length: 16}\n")
+    cal = load_recipe(path).calibration
+    assert (cal.source, cal.file, cal.samples) == ("file", calib, 2)
+    assert load_recipe(path).to_json()["calibration"]["file"] == "chats.jsonl"
+    assert len(load_recipe(path).to_json()["calibration"]["sha256"]) == 64
+
+    cal = load_recipe("awq").with_calibration_file(calib).calibration
+    assert (cal.source, cal.file, cal.samples, cal.sequence_length) == ("file", calib, 4, 128)
+    with pytest.raises(RecipeError, match="does not calibrate") as info:
+        load_recipe("int4-rtn").with_calibration_file(calib)
+    assert "--calib" in str(info.value)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe("awq").with_calibration_file(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
+    with pytest.raises(Exception, match="line 1.*robot"):  # the file's content is checked up front
+        load_recipe("awq").with_calibration_file(bad)
+
+
+# -- invalid recipes: each names the key/value and the choices -------------------------------
 
 
 @pytest.mark.parametrize(
-    "change,message",
+    "key,value,choices",
     [
-        ({"extra": 1}, "unknown recipe key"),
-        ({"schema_version": 2}, "schema_version"),
-        ({"name": "Bad Name"}, "name"),
-        ({"dtype": "int4"}, "dtype"),
-        ({"quantization": {"method": "awq"}}, "quantization"),
-        ({"components": []}, "components"),
-        ({"components": ["talker9"]}, "components"),
+        ("weights", "int3", ["float32", "float16", "int4", "int8"]),
+        ("weights", 4, ["int4"]),
+        ("method", "gptq", ["none", "rtn", "awq"]),
+        ("method", None, ["none", "rtn", "awq"]),
+        ("group_size", 0, ["multiple of 16"]),
+        ("group_size", 15, ["multiple of 16"]),
+        ("group_size", 100, ["multiple of 16"]),
+        ("group_size", -128, ["multiple of 16"]),
+        ("group_size", "128", ["multiple of 16"]),
+        ("group_size", True, ["multiple of 16"]),
+        ("symmetric", "yes please", ["true | false"]),
+        ("symmetric", 1, ["true | false"]),
+        ("accuracy_level", 5, ["0 | 1 | 2 | 3 | 4"]),
+        ("accuracy_level", "4", ["0 | 1 | 2 | 3 | 4"]),
+        ("keep_float", "*.k_proj", ["list of linear names"]),
+        ("keep_float", [3], ["list of linear names"]),
+        ("lm_head", "float16", ["float32 | int8 | int4"]),
+        ("embeddings", "int2", ["float32 | int8 | int4"]),
+        ("emit", "qoperator", ["qdq | matmulnbits"]),
     ],
 )
-def test_invalid_recipes(change, message):
-    with pytest.raises(RecipeError) as info:
-        parse_recipe({**VALID, **change}, "recipes/mine.yaml")
-    assert message in str(info.value)
-    assert "recipes/mine.yaml" in str(info.value) and "fix:" in str(info.value)
+def test_bad_module_value(key, value, choices):
+    settings = {"weights": "int4", "method": "rtn", key: value}
+    rejected(recipe(**settings), f"modules.thinker.{key}", repr(value), *choices)
 
 
-def test_missing_key():
-    data = dict(VALID)
-    del data["dtype"]
-    with pytest.raises(RecipeError, match="missing recipe key"):
-        parse_recipe(data, "x.yaml")
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, 256])
+def test_good_group_sizes(group_size):
+    assert parse_recipe(recipe(weights="int4", group_size=group_size), SOURCE).module("thinker").group_size == group_size
+
+
+def test_unknown_module_and_key():
+    data = {"schema_version": 2, "name": "mine", "modules": {"talker9": {}}}
+    rejected(data, "'talker9'", "thinker")
+    rejected(recipe(weights="int4", turbo=True), "'turbo'", "modules.thinker", *KEYS)
+    rejected({**recipe(), "extra": 1}, "'extra'", "schema_version, name, description, modules, calibration")
+
+
+def test_every_known_module_lists_its_keys():
+    for name, spec in MODULES.items():
+        assert set(spec.keys) <= set(KEYS) and spec.linears, name
+
+
+@pytest.mark.parametrize(
+    "settings,needles",
+    [
+        ({"weights": "int4", "method": "none"}, ["weights int4 needs method rtn or awq"]),
+        ({"weights": "float32", "method": "awq"}, ["method awq", "float32", "method: none"]),
+        ({"weights": "float16", "method": "rtn"}, ["method rtn", "float16"]),
+        ({"weights": "int8", "method": "rtn"}, ["int8", "w8a8"]),
+        ({"weights": "int4", "keep_float": ["*.k_prj"]}, ["'*.k_prj'", "matches no linear", "self_attn.k_proj"]),
+        ({"weights": "int4", "keep_float": ["model.layers.0.mlp.down_proj"]}, ["matches no linear", "mlp.down_proj"]),
+    ],
+)
+def test_inconsistent_module(settings, needles):
+    rejected(recipe(**settings), *needles)
+
+
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        ({"schema_version": 3}, ["schema_version is 3", "schema_version: 2"]),
+        ({"schema_version": "2"}, ["schema_version is '2'"]),
+        ({"name": "Bad Name"}, ["'Bad Name'", "[a-z0-9_-]+"]),
+        ({"description": ["x"]}, ["description"]),
+        ({"modules": {}}, ["modules must be a non-empty mapping", "thinker"]),
+        ({"modules": ["thinker"]}, ["modules must be a non-empty mapping", "thinker"]),
+        ({"modules": {"thinker": "int4"}}, ["modules.thinker must be a mapping", "weights"]),
+        ({"calibration": {"samples": 4}}, ["no module uses method awq", "remove the calibration"]),
+    ],
+)
+def test_bad_recipe(change, needles):
+    rejected({**recipe(), **change}, *needles)
+
+
+@pytest.mark.parametrize(
+    "calibration,needles",
+    [
+        ({"samples": 0}, ["calibration.samples", "0", "positive integer"]),
+        ({"sequence_length": 12.5}, ["calibration.sequence_length", "12.5"]),
+        ({"size": 3}, ["'size'", "source, samples, sequence_length"]),
+        ({"source": 7}, ["calibration.source", "builtin"]),
+        ("builtin", ["calibration must be a mapping"]),
+        ({"source": "chats.jsonl"}, ["relative path", "--calib"]),  # no folder to resolve against
+    ],
+)
+def test_bad_calibration(calibration, needles):
+    rejected({**recipe(weights="int4", method="awq"), "calibration": calibration}, *needles)
+
+
+def test_missing_keys():
+    rejected({"name": "mine", "modules": {"thinker": {}}}, "missing recipe key: schema_version")
+    rejected({"schema_version": 2, "modules": {"thinker": {}}}, "missing recipe key: name")
+    rejected({"schema_version": 2, "name": "mine"}, "missing recipe key: modules")
+    rejected([1, 2], "YAML mapping")
+
+
+V1 = {"schema_version": 1, "name": "mine", "dtype": "float32", "quantization": None, "components": ["thinker"]}
+
+
+@pytest.mark.parametrize("data", [V1, {k: v for k, v in V1.items() if k != "schema_version"},
+                                  {**V1, "schema_version": 2}])
+def test_v1_recipe_gets_conversion(data):
+    message = rejected(data, "schema version 1", "schema_version: 2", "modules:")
+    # the suggested replacement is valid schema 2 and means the same thing (float32 thinker)
+    fix = message.split("`modules: ", 1)[1].split("`", 1)[0]
+    converted = {"schema_version": 2, "name": "mine", "modules": yaml.safe_load(fix)}
+    t = parse_recipe(converted, SOURCE).module("thinker")
+    assert (t.weights, t.method) == ("float32", "none")
+
+
+def test_v1_builtin_file_shape(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("schema_version: 1\nname: old\ndtype: float32\nquantization: null\ncomponents: [thinker]\n")
+    with pytest.raises(RecipeError, match="schema version 1") as info:
+        load_recipe(str(path))
+    assert info.value.path == str(path)
+
+
+def test_module_lookup():
+    r = load_recipe("fp32")
+    with pytest.raises(RecipeError, match="unknown module 'talker9'") as info:
+        r.module("talker9")
+    assert "thinker" in str(info.value)
 
 
 def test_unknown_name_and_missing_file(tmp_path):
-    with pytest.raises(RecipeError, match="unknown recipe"):
+    with pytest.raises(RecipeError, match="unknown recipe") as info:
         load_recipe("nope")
+    assert "fp32" in str(info.value) and "awq" in str(info.value)
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="YAML"):
         load_recipe(str(bad))
+
+
+def test_recipes_import_is_light():
+    code = ("import sys, omni_export.recipes as r; r.load_recipe('awq'); "
+            "heavy = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
