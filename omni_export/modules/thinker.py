@@ -85,6 +85,7 @@ class ThinkerModule(Module):
 
     def config(self) -> dict:
         d = self.dims()
+        thinker = self.ckpt.config.thinker_config
         return {
             "hidden_size": d.hidden_size,
             "num_hidden_layers": d.num_hidden_layers,
@@ -97,6 +98,10 @@ class ThinkerModule(Module):
             "mrope_section": list(d.mrope_section),
             "max_position_embeddings": d.max_position_embeddings,
             "kv_dtype": "float32",
+            # TMRoPE constants (omni_runtime.rope.RopeConfig)
+            "position_id_per_seconds": int(getattr(thinker, "position_id_per_seconds", 25)),
+            "seconds_per_chunk": int(getattr(thinker, "seconds_per_chunk", 2)),
+            "spatial_merge_size": int(thinker.vision_config.spatial_merge_size),
         }
 
     # -- weights ----------------------------------------------------------------------------
