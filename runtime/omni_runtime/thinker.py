@@ -71,11 +71,20 @@ class ThinkerGenerator:
         seed: int | None = None,
         on_step: Callable[[np.ndarray], None] | None = None,
         limit_reason: str = "length",
+        prompt_embeds: list[np.ndarray] | None = None,
+        prompt_positions: list[np.ndarray] | None = None,
+        rope_deltas: list[int] | None = None,
     ) -> Generation:
         """Generate up to ``max_new_tokens`` for each prompt; ``on_step`` sees each new id batch.
 
         ``limit_reason`` is the finish reason of a row that reaches ``max_new_tokens``
-        (``"context"`` when the caller clamped the limit to the model's context)."""
+        (``"context"`` when the caller clamped the limit to the model's context).
+
+        For multimodal prompts the caller passes, per row, the merged ``prompt_embeds``
+        ``[seq, hidden]`` (encoder features spliced in at their placeholders), the TMRoPE
+        ``prompt_positions`` ``[3, seq]`` and the ``rope_deltas`` (``omni_runtime.rope.rope_index``);
+        decode positions then continue at ``cache length + delta``. Text prompts need none of them.
+        """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}", fix="ask for 1 or more new tokens")
         sampling.validate()
@@ -85,11 +94,22 @@ class ThinkerGenerator:
         embed = self.pool.get(EMBEDDING)
         decoder = self._decoder()
         caches, logits = [], []
+        deltas = [0] * batch if rope_deltas is None else [int(d) for d in rope_deltas]
         for row, prompt in enumerate(prompts):
             cache = decoder.new_cache(len(prompt) + max_new_tokens)
             row_ids = np.asarray([prompt], dtype=np.int64)
-            positions = text_position_ids(np.ones_like(row_ids))
-            row_logits, _ = decoder.step(cache, embed.run(None, {"input_ids": row_ids})[0], positions)
+            if prompt_embeds is None:
+                embeds = embed.run(None, {"input_ids": row_ids})[0]
+            else:
+                embeds = np.asarray(prompt_embeds[row])[None]
+            if prompt_positions is None:
+                positions = text_position_ids(np.ones_like(row_ids))
+            else:
+                positions = np.asarray(prompt_positions[row], dtype=np.int64)[:, None, :]
+            if embeds.shape[1] != len(prompt) or positions.shape[2] != len(prompt):
+                raise InputError(f"row {row}: {len(prompt)} prompt ids but {embeds.shape[1]} embeddings and "
+                                 f"{positions.shape[2]} positions", fix="pass one embedding and position per id")
+            row_logits, _ = decoder.step(cache, embeds, positions)
             caches.append(cache)
             logits.append(row_logits)
         logits = np.stack(logits)
@@ -115,6 +135,6 @@ class ThinkerGenerator:
             embeds = embed.run(None, {"input_ids": new[:, None]})[0]
             for row in np.flatnonzero(~finished):
                 cache = caches[row]
-                positions = next_position_ids(np.full((3, 1), cache.length - 1, dtype=np.int64))
+                positions = next_position_ids(np.full((3, 1), cache.length - 1 + deltas[row], dtype=np.int64))
                 logits[row], _ = decoder.step(cache, embeds[row:row + 1], positions)
         return Generation(generated, reasons)
