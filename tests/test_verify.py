@@ -1,0 +1,120 @@
+"""``omni-export verify``: the layer-at-a-time PyTorch reference and the bundle report.
+
+The reference (``omni_export.verify.reference_forward``: transformers decoder layers built and
+run one at a time) is first checked against transformers' whole thinker loaded with
+``from_pretrained``, so the verify numbers rest on an independent oracle. Then: an fp32 bundle
+matches it to float rounding (top-1 agreement 1, KL ~0), an int4-rtn bundle shows a small,
+nonzero, finite error, and the CLI prints the documented JSON shape.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from omni_export.checkpoint import Checkpoint
+from omni_export.verify import VerifyError, reference_forward, reference_layers, verify_bundle
+
+GRAPH_KEYS = {"thinker_embedding": {"max_abs", "rel_rms"},
+              "thinker_decoder": {"max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms"}}
+
+
+def check_shape(report):
+    assert set(report["graphs"]) == set(GRAPH_KEYS)
+    for name, keys in GRAPH_KEYS.items():
+        assert keys <= set(report["graphs"][name])
+        assert all(math.isfinite(report["graphs"][name][k]) for k in keys)
+    assert {"top1_agreement", "mean_kl", "positions"} <= set(report["thinker"])
+    assert {"bundle", "model", "recipe", "seconds"} <= set(report)
+
+
+@pytest.mark.parametrize("multimodal", [False, True])
+def test_reference_equals_transformers_thinker(tiny_checkpoint, reference_thinker, multimodal):
+    config = reference_thinker.config.text_config
+    g = torch.Generator().manual_seed(3)
+    embeds = torch.randn(1, 11, config.hidden_size, generator=g)
+    positions = np.broadcast_to(np.arange(11), (3, 1, 11)).copy()
+    if multimodal:  # distinct t/h/w positions, as TMRoPE gives image and audio tokens
+        positions += torch.randint(0, 30, (3, 1, 11), generator=g).numpy()
+    ref = reference_forward(Checkpoint.open(tiny_checkpoint), [(embeds.numpy(), positions)])
+    with torch.no_grad():
+        out = reference_thinker.model.language_model(inputs_embeds=embeds, position_ids=torch.from_numpy(positions))
+        logits = reference_thinker.lm_head(out.last_hidden_state)[0].numpy()
+    hidden = out.last_hidden_state.numpy()
+    assert ref.hidden[0].shape == hidden.shape
+    assert np.abs(ref.hidden[0] - hidden).max() <= 1e-5
+    assert np.abs(ref.logits(0, list(range(11))) - logits).max() <= 1e-5
+
+
+def test_reference_layers_are_transformers_modules(tiny_checkpoint):
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDecoderLayer
+
+    ckpt = Checkpoint.open(tiny_checkpoint)
+    layers = list(reference_layers(ckpt))
+    assert len(layers) == ckpt.text_config().num_hidden_layers
+    assert all(type(layer) is Qwen2_5OmniDecoderLayer and not layer.training for layer in layers)
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for layer in layers for p in layer.parameters())
+
+
+def test_fp32_bundle_matches(tiny_bundle, tiny_checkpoint):
+    report = verify_bundle(tiny_bundle, tiny_checkpoint, prompts=2, tokens=16)
+    print(json.dumps(report, indent=1))
+    check_shape(report)
+    for metrics in report["graphs"].values():
+        assert all(value < 1e-4 for value in metrics.values())
+    assert report["recipe"] == "fp32"
+    assert report["thinker"]["positions"] == 2 * 16
+    assert report["thinker"]["top1_agreement"] == 1.0
+    assert report["thinker"]["mean_kl"] < 1e-6
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tiny_checkpoint, tmp_path_factory):
+    from omni_export.build import build_bundle
+
+    return build_bundle(tiny_checkpoint, "int4-rtn", tmp_path_factory.mktemp("verify-int4") / "b")
+
+
+def test_int4_rtn_bundle_has_small_nonzero_error(int4_bundle, tiny_checkpoint):
+    report = verify_bundle(int4_bundle, tiny_checkpoint, prompts=2, tokens=16)
+    print(json.dumps(report, indent=1))
+    check_shape(report)
+    assert report["recipe"] == "int4-rtn"
+    graphs, thinker = report["graphs"], report["thinker"]
+    assert 1e-4 < graphs["thinker_embedding"]["rel_rms"] < 0.02   # int8 table: ~1/255 of a row's range
+    assert 1e-3 < graphs["thinker_decoder"]["rel_rms"] < 0.3      # int4 group-128 weights
+    assert 1e-3 < graphs["thinker_decoder"]["logits_rel_rms"] < 0.3
+    assert 0.0 < thinker["mean_kl"] < 0.05 and math.isfinite(thinker["mean_kl"])
+    assert 0.5 <= thinker["top1_agreement"] <= 1.0
+
+
+def test_other_model_is_refused(tiny_bundle, tmp_path):
+    from omni_export.tiny_model import write_tiny_checkpoint
+
+    other = write_tiny_checkpoint(tmp_path / "other", preset="tiny", seed=1, layers=3)
+    with pytest.raises(VerifyError, match="num_hidden_layers 2 vs 3"):
+        verify_bundle(tiny_bundle, other, prompts=1, tokens=2)
+
+
+def test_cli_json(tiny_bundle, tiny_checkpoint):
+    proc = run_cli("verify", tiny_bundle, "--model", tiny_checkpoint, "--json", "--prompts", "1", "--tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    check_shape(report)
+    assert report["thinker"]["positions"] == 4
+    assert report["thinker"]["top1_agreement"] == 1.0
+
+
+def test_cli_missing_model_is_a_clean_error(tiny_bundle, tmp_path):
+    proc = run_cli("verify", tiny_bundle, "--model", tmp_path / "nope")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "fix:" in proc.stderr and str(tmp_path / "nope") in proc.stderr
+
+
+def test_build_verify(tiny_checkpoint, tmp_path):
+    proc = run_cli("build", "--model", tiny_checkpoint, "--recipe", "fp32", "--out", tmp_path / "b", "--verify")
+    assert proc.returncode == 0, proc.stderr
+    assert "thinker_decoder" in proc.stdout and "top1 agreement" in proc.stdout
