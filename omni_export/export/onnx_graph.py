@@ -69,7 +69,7 @@ class WeightFile:
 
     def add(self, name: str, array: np.ndarray) -> ir.TensorProtocol:
         """The tensor for ``array``: in the graph when tiny, else appended to the data file."""
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array).reshape(np.shape(array))  # ascontiguousarray makes scalars 1-D
         dtype = IR_DTYPES[array.dtype]
         if array.nbytes <= EMBED_THRESHOLD:
             return ir.tensor(array, dtype=dtype, name=name)
