@@ -1,7 +1,7 @@
-"""One KV-cached decoder step runner, driven by the manifest's graph IO names.
+"""One KV-cached decoder runner (steps and the token loop), driven by the manifest's graph IO names.
 
-A decoder graph (the thinker's now, the talker's with the speech issue) takes
-``inputs_embeds [batch, sequence, hidden]``, ``position_ids [3, batch, sequence]``,
+A decoder graph (``thinker_decoder``, ``talker_decoder``) takes
+``inputs_embeds [batch, sequence, width]``, ``position_ids [3, batch, sequence]``,
 ``seqlens_k [batch]``, ``total_sequence_length []`` and ``past_key_values.{i}.key/value``, and
 returns ``logits``, ``last_hidden_state`` and ``present.{i}.key/value`` (docs/bundle-format.md).
 
@@ -14,10 +14,16 @@ hidden states when asked, come back to the host.
 
 Long prompts are fed in chunks of ``prefill_chunk`` tokens; attention then never materialises
 more than ``heads x chunk x total`` scores, so prefill memory grows linearly with the prompt.
+
+``KVDecoder.decode`` is the one token loop of every decoder (the thinker's text, the talker's
+speech codes): choose the next ids from the logits, stop rows on their eos, and feed each live
+row the inputs a per-step callback supplies (the thinker: the token's embedding; the talker:
+the codec embedding plus the thinker's reply state). Callers do their own prefill with ``step``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +42,20 @@ class KVCache:
     buffers: list  # [(key OrtValue, value OrtValue)] per layer
     capacity: int
     length: int = 0
+
+
+@dataclass
+class Decoded:
+    """What ``KVDecoder.decode`` produced: new ids per row and why each row stopped."""
+
+    token_ids: list[list[int]]  # each ends with its eos id when it stopped on one
+    finish_reasons: list[str]  # "eos" or the caller's limit reason
+
+
+#: ``choose(logits [batch, vocab], history [batch, length], mask [batch, length]) -> ids [batch]``
+ChooseFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+#: ``next_inputs(new ids [batch], live rows) -> [(embeds [1, S, width], position_ids [3, 1, S])]``, one per live row
+NextInputsFn = Callable[[np.ndarray, np.ndarray], Sequence[tuple[np.ndarray, np.ndarray]]]
 
 
 class KVDecoder:
@@ -90,6 +110,64 @@ class KVDecoder:
             if want_hidden:
                 hidden.append(h)
         return logits[0, -1], (np.concatenate(hidden, axis=1) if want_hidden else None)
+
+    def decode(
+        self,
+        caches: list[KVCache],
+        logits: np.ndarray,
+        history: np.ndarray,
+        choose: ChooseFn,
+        next_inputs: NextInputsFn,
+        max_new_tokens: int,
+        eos_ids,
+        pad_id: int,
+        mask: np.ndarray | None = None,
+        on_step: Callable[[np.ndarray], None] | None = None,
+        on_hidden: Callable[[int, np.ndarray], None] | None = None,
+        limit_reason: str = "length",
+    ) -> Decoded:
+        """Generate up to ``max_new_tokens`` ids per row, one decoder step per live row and token.
+
+        ``logits [batch, vocab]`` are the prefill's (last position of each row); ``history
+        [batch, length]`` the ids so far (left-padded; ``mask`` 0 marks padding) that ``choose``
+        sees, and to which each step's ids are appended (``pad_id`` for finished rows).
+        ``on_step`` gets each step's ids (-1 for rows already finished); ``on_hidden(row,
+        hidden [1, S, hidden])`` the decoder's post-norm hidden state of each fed input (the
+        decoder then returns it). A row's last id (its eos, or the one reaching the limit) is
+        not fed back.
+        """
+        batch = len(caches)
+        logits = np.array(logits, dtype=np.float32).reshape(batch, -1)
+        history = np.asarray(history, dtype=np.int64).reshape(batch, -1)
+        mask = np.ones_like(history) if mask is None else np.asarray(mask, dtype=np.int64)
+        eos_ids = np.asarray(list(eos_ids), dtype=np.int64)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finished = np.zeros(batch, dtype=bool)
+        reasons = [limit_reason] * batch
+        for step in range(max_new_tokens):
+            new = np.asarray(choose(logits, history, mask), dtype=np.int64).reshape(batch)
+            new = np.where(finished, pad_id, new)
+            for row in np.flatnonzero(~finished):
+                generated[row].append(int(new[row]))
+            if on_step is not None:
+                on_step(np.where(finished, -1, new))
+            hit = np.isin(new, eos_ids) & ~finished
+            for row in np.flatnonzero(hit):
+                reasons[row] = "eos"
+            finished |= hit
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            history = np.concatenate([history, new[:, None]], axis=1)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            live = np.flatnonzero(~finished)
+            inputs = next_inputs(new, live)
+            if len(inputs) != len(live):
+                raise ValueError(f"next_inputs returned {len(inputs)} inputs for {len(live)} live rows")
+            for row, (embeds, positions) in zip(live, inputs):
+                logits[row], hidden = self.step(caches[row], embeds, positions, want_hidden=on_hidden is not None)
+                if on_hidden is not None:
+                    on_hidden(int(row), hidden)
+        return Decoded(generated, reasons)
 
     def _run(self, cache: KVCache, embeds, position_ids, want_hidden):
         seq = embeds.shape[1]

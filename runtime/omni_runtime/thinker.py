@@ -25,11 +25,30 @@ DECODER = "thinker_decoder"
 
 
 @dataclass
+class ThinkerStates:
+    """One row's thinker states, what the talker is fed (``generate(..., keep_states=True)``).
+
+    One entry per token the thinker ran on: the prompt, then every reply token but the last
+    (the last is never fed back), as transformers' ``output_hidden_states`` gives them.
+    ``embeds`` are the decoder's input embeddings with audio/image/video placeholder
+    positions zeroed (as ``Qwen2_5OmniForConditionalGeneration.generate`` does before handing
+    them to the talker); ``hidden`` are the post-norm last hidden states.
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]  # the reply, as in Generation.token_ids
+    embeds: np.ndarray  # [len(prompt_ids) + max(len(token_ids) - 1, 0), hidden] float32
+    hidden: np.ndarray  # same shape
+    prompt_positions: np.ndarray  # [3, len(prompt_ids)] int64: the prompt's TMRoPE positions
+
+
+@dataclass
 class Generation:
     """Generated ids per row (each ends with its eos token when it stopped on one)."""
 
     token_ids: list[list[int]]
     finish_reasons: list[str]  # "eos" or "length"
+    states: list[ThinkerStates] | None = None  # per row, with keep_states=True
 
 
 class ThinkerGenerator:
@@ -74,6 +93,7 @@ class ThinkerGenerator:
         prompt_embeds: list[np.ndarray] | None = None,
         prompt_positions: list[np.ndarray] | None = None,
         rope_deltas: list[int] | None = None,
+        keep_states: bool = False,
     ) -> Generation:
         """Generate up to ``max_new_tokens`` for each prompt; ``on_step`` sees each new id batch.
 
@@ -84,6 +104,9 @@ class ThinkerGenerator:
         ``[seq, hidden]`` (encoder features spliced in at their placeholders), the TMRoPE
         ``prompt_positions`` ``[3, seq]`` and the ``rope_deltas`` (``omni_runtime.rope.rope_index``);
         decode positions then continue at ``cache length + delta``. Text prompts need none of them.
+
+        ``keep_states`` also returns, per row, the input embeddings and post-norm hidden states
+        the talker needs (``Generation.states``, see ``ThinkerStates``).
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}", fix="ask for 1 or more new tokens")
@@ -95,6 +118,9 @@ class ThinkerGenerator:
         decoder = self._decoder()
         caches, logits = [], []
         deltas = [0] * batch if rope_deltas is None else [int(d) for d in rope_deltas]
+        kept_embeds: list[list[np.ndarray]] = [[] for _ in range(batch)]
+        kept_hidden: list[list[np.ndarray]] = [[] for _ in range(batch)]
+        kept_positions = []
         for row, prompt in enumerate(prompts):
             cache = decoder.new_cache(len(prompt) + max_new_tokens)
             row_ids = np.asarray([prompt], dtype=np.int64)
@@ -109,32 +135,44 @@ class ThinkerGenerator:
             if embeds.shape[1] != len(prompt) or positions.shape[2] != len(prompt):
                 raise InputError(f"row {row}: {len(prompt)} prompt ids but {embeds.shape[1]} embeddings and "
                                  f"{positions.shape[2]} positions", fix="pass one embedding and position per id")
-            row_logits, _ = decoder.step(cache, embeds, positions)
+            row_logits, hidden = decoder.step(cache, embeds, positions, want_hidden=keep_states)
+            if keep_states:
+                kept_embeds[row].append(self._talker_embeds(row_ids[0], embeds[0]))
+                kept_hidden[row].append(hidden[0])
+                kept_positions.append(positions[:, 0, :].copy())
             caches.append(cache)
             logits.append(row_logits)
-        logits = np.stack(logits)
-        sequences = ids
-        generated = [[] for _ in range(batch)]
-        finished = np.zeros(batch, dtype=bool)
-        reasons = [limit_reason] * batch
-        for step in range(max_new_tokens):
-            new = next_tokens(logits, sequences, sampling, rng, attention_mask=mask)
-            new = np.where(finished, self.pad_id, new)
-            for row in np.flatnonzero(~finished):
-                generated[row].append(int(new[row]))
-            if on_step is not None:
-                on_step(np.where(finished, -1, new))
-            hit = np.isin(new, self.eos_ids) & ~finished
-            for row in np.flatnonzero(hit):
-                reasons[row] = "eos"
-            finished |= hit
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            sequences = np.concatenate([sequences, new[:, None]], axis=1)
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            embeds = embed.run(None, {"input_ids": new[:, None]})[0]
-            for row in np.flatnonzero(~finished):
-                cache = caches[row]
-                positions = next_position_ids(np.full((3, 1), cache.length - 1 + deltas[row], dtype=np.int64))
-                logits[row], _ = decoder.step(cache, embeds[row:row + 1], positions)
-        return Generation(generated, reasons)
+
+        def choose(step_logits, history, history_mask):
+            return next_tokens(step_logits, history, sampling, rng, attention_mask=history_mask)
+
+        def next_inputs(new, live):
+            step_embeds = embed.run(None, {"input_ids": new[:, None]})[0]
+            out = []
+            for row in live:
+                if keep_states:
+                    kept_embeds[row].append(step_embeds[row])
+                positions = next_position_ids(np.full((3, 1), caches[row].length - 1 + deltas[row], dtype=np.int64))
+                out.append((step_embeds[row:row + 1], positions))
+            return out
+
+        def on_hidden(row, hidden):
+            kept_hidden[row].append(hidden[0])
+
+        decoded = decoder.decode(caches, np.stack(logits), ids, choose, next_inputs, max_new_tokens, self.eos_ids,
+                                 self.pad_id, mask=mask, on_step=on_step, on_hidden=on_hidden if keep_states else None,
+                                 limit_reason=limit_reason)
+        states = None
+        if keep_states:
+            states = [ThinkerStates(list(prompt), decoded.token_ids[row], np.concatenate(kept_embeds[row]),
+                                    np.concatenate(kept_hidden[row]), kept_positions[row])
+                      for row, prompt in enumerate(prompts)]
+        return Generation(decoded.token_ids, decoded.finish_reasons, states)
+
+    def _talker_embeds(self, prompt_ids: np.ndarray, embeds: np.ndarray) -> np.ndarray:
+        """The prompt embeddings with audio/image/video placeholder positions zeroed (a copy)."""
+        special = self.manifest.special_tokens
+        placeholders = [special[name] for name in ("audio", "image", "video") if name in special]
+        out = np.array(embeds, dtype=np.float32)
+        out[np.isin(prompt_ids, placeholders)] = 0.0
+        return out

@@ -1,0 +1,251 @@
+"""Speech codes from the thinker's reply: the talker over ``talker_embedding`` and ``talker_decoder``.
+
+The host logic is transformers' ``Qwen2_5OmniForConditionalGeneration.generate`` (talker part)
+and ``Qwen2_5OmniTalkerForConditionalGeneration.forward``, for one row:
+
+- thinker side (``ThinkerStates``, from ``ThinkerGenerator.generate(..., keep_states=True)``):
+  per token the thinker ran on, its post-norm hidden state + its input embedding (placeholder
+  positions of audio/image/video zeroed); call their sum ``s``. The prompt has P tokens; the
+  reply's tokens r0, r1, ... (the last reply token is never fed to the thinker, so it has no state).
+- prefill, P + 2 positions: ``s(prompt)``, then the speaker's bos token (a thinker-vocabulary
+  id from spk_dict.pt) embedded by ``thinker_embedding`` + the codec pad embedding, then
+  ``s(r0)`` + the codec bos embedding;
+- positions: the prompt's TMRoPE positions, then two text positions after their maximum;
+  every decode step continues at ``cache length + rope delta`` (the next position);
+- dual-track feeding: decode step k feeds ``codec_embedding(code k) + reply[k]`` where reply is
+  ``s(r1), s(r2), ...``, then the thinker embedding of the talker's text eos, then of its text
+  pad for every later step;
+- token choice: repetition penalty over every id so far (P codec mask ids, codec pad, codec
+  bos, then the codes), the codec bos suppressed, then temperature / top-k / top-p when
+  sampling (transformers' processor order); stop on ``eos_token_ids`` (codec pad and codec
+  eos). The returned codes exclude the stop id, as token2wav receives them.
+
+Defaults (``config.talker.sampling``) are transformers' ``generate`` talker defaults: sampling
+with top_k 40, top_p 0.8, temperature 0.9, repetition penalty 1.05, up to 4096 codes.
+
+The talker's sessions are loaded when speech is asked for and released after (``release``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+
+from .errors import BundleError, InputError
+from .kv_decoder import DEFAULT_PREFILL_CHUNK, KVDecoder
+from .manifest import REBUILD_FIX, Manifest
+from .sampling import SamplingConfig, next_tokens, process_logits
+from .sessions import SessionPool, import_onnxruntime, io_binding_enabled
+from .thinker import EMBEDDING as THINKER_EMBEDDING
+from .thinker import ThinkerStates
+
+DECODER = "talker_decoder"
+EMBEDDING = "talker_embedding"
+GRAPHS = (EMBEDDING, DECODER)
+
+NO_TALKER_FIX = ("build the bundle from a checkpoint with a talker (enable_audio_output true and its talker "
+                 "weights) and a recipe with modules.talker, or ask for text only")
+
+
+@dataclass(frozen=True)
+class TalkerConfig:
+    """The manifest's ``config.talker`` values the host logic uses."""
+
+    embedding_size: int
+    vocab_size: int
+    codec_bos: int
+    codec_eos: int
+    codec_pad: int
+    codec_mask: int
+    text_eos: int
+    text_pad: int
+    eos_token_ids: tuple[int, ...]
+    suppress_tokens: tuple[int, ...]
+    sampling: SamplingConfig
+    max_new_tokens: int
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "TalkerConfig":
+        """Read and check ``config.talker``; BundleError when the bundle has no talker or a bad block."""
+        raw = manifest.config.get("talker")
+        if not isinstance(raw, dict) or not raw.get("enable_audio_output", False) or \
+                any(name not in manifest.graphs for name in GRAPHS):
+            raise BundleError("this bundle has no talker (it was built text-only), so it cannot produce speech",
+                              path=manifest.manifest_path, fix=NO_TALKER_FIX)
+
+        def get(block: dict, key: str, where: str, kind=Integral):
+            value = block.get(key) if isinstance(block, dict) else None
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                what = {Integral: "an integer", bool: "a boolean"}.get(kind, "a number")
+                raise BundleError(f"config.talker.{where}{key} is missing or not {what}: {value!r}",
+                                  path=manifest.manifest_path, fix=REBUILD_FIX)
+            return value
+
+        def ids(key: str) -> tuple[int, ...]:
+            value = raw.get(key)
+            if not isinstance(value, list) or not all(isinstance(v, Integral) and not isinstance(v, bool)
+                                                      for v in value):
+                raise BundleError(f"config.talker.{key} must be a list of integers, not {value!r}",
+                                  path=manifest.manifest_path, fix=REBUILD_FIX)
+            return tuple(int(v) for v in value)
+
+        codec, text, samp = raw.get("codec"), raw.get("text"), raw.get("sampling")
+        sampling = SamplingConfig(do_sample=get(samp, "do_sample", "sampling.", bool),
+                                  temperature=float(get(samp, "temperature", "sampling.", (int, float))),
+                                  top_k=int(get(samp, "top_k", "sampling.")),
+                                  top_p=float(get(samp, "top_p", "sampling.", (int, float))),
+                                  repetition_penalty=float(get(samp, "repetition_penalty", "sampling.", (int, float))))
+        return cls(embedding_size=int(get(raw, "embedding_size", "")), vocab_size=int(get(raw, "vocab_size", "")),
+                   codec_bos=int(get(codec, "bos", "codec.")), codec_eos=int(get(codec, "eos", "codec.")),
+                   codec_pad=int(get(codec, "pad", "codec.")), codec_mask=int(get(codec, "mask", "codec.")),
+                   text_eos=int(get(text, "eos", "text.")), text_pad=int(get(text, "pad", "text.")),
+                   eos_token_ids=ids("eos_token_ids"), suppress_tokens=ids("suppress_tokens"), sampling=sampling,
+                   max_new_tokens=int(get(samp, "max_new_tokens", "sampling.")))
+
+
+def has_talker(manifest: Manifest) -> bool:
+    """True if the bundle can produce speech codes (talker graphs and ``config.talker``)."""
+    try:
+        TalkerConfig.from_manifest(manifest)
+    except BundleError:
+        return False
+    return True
+
+
+class Talker:
+    """Speech codes for one thinker reply, with the talker's KV cache on the first provider's device."""
+
+    def __init__(self, manifest: Manifest, pool: SessionPool, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        self.manifest = manifest
+        self.pool = pool
+        self.config = TalkerConfig.from_manifest(manifest)
+        self.device = "cuda" if io_binding_enabled(pool.providers) else "cpu"
+        self.prefill_chunk = prefill_chunk
+
+    def default_sampling(self, do_sample: bool | None = None) -> SamplingConfig:
+        """The bundle's talker sampling defaults; ``do_sample=False`` keeps only the repetition
+        penalty (transformers' ``talker_do_sample=False`` with the other defaults)."""
+        cfg = self.config.sampling
+        if do_sample is None or do_sample == cfg.do_sample:
+            return cfg
+        return dataclasses.replace(cfg, do_sample=do_sample)
+
+    def generate(
+        self,
+        thinker_outputs: ThinkerStates,
+        speaker_bos: int,
+        sampling: SamplingConfig | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        on_codes: Callable[[list[int]], None] | None = None,
+        release: bool = True,
+    ) -> list[int]:
+        """The codec codes of ``thinker_outputs``' reply spoken with the speaker whose bos token is
+        ``speaker_bos``; ``on_codes`` receives each step's new codes as they come (for streaming).
+
+        ``sampling`` defaults to the bundle's talker defaults, ``max_new_tokens`` (codes including
+        the stop id) to its ``max_new_tokens``. A reply of fewer than 2 tokens has nothing to
+        speak (transformers' generate cannot run the talker on it): no codes.
+        """
+        cfg = self.config
+        if not isinstance(thinker_outputs, ThinkerStates):
+            raise InputError(f"thinker_outputs must be a ThinkerStates, got {type(thinker_outputs).__name__}",
+                             fix="generate the reply with ThinkerGenerator.generate(..., keep_states=True) and pass "
+                                 "Generation.states[row]", param="thinker_outputs")
+        sampling = self.default_sampling() if sampling is None else sampling
+        sampling.validate()
+        max_new_tokens = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}",
+                             fix="ask the talker for 1 or more codes", param="max_new_tokens")
+        thinker_vocab = int(self.manifest.config["thinker"]["vocab_size"])
+        if not isinstance(speaker_bos, Integral) or isinstance(speaker_bos, bool) or \
+                not 0 <= speaker_bos < thinker_vocab:
+            raise InputError(f"speaker_bos must be a thinker token id in [0, {thinker_vocab}), got {speaker_bos!r}",
+                             fix="pass the speaker's bos_token from the bundle's speakers", param="speaker_bos")
+        prompt_len, reply = len(thinker_outputs.prompt_ids), list(thinker_outputs.token_ids)
+        if len(reply) < 2:
+            return []
+        states = self._states(thinker_outputs)
+        try:
+            return self._generate(states, prompt_len, thinker_outputs.prompt_positions, int(speaker_bos), sampling,
+                                  seed, int(max_new_tokens), on_codes)
+        finally:
+            if release:
+                for name in GRAPHS:
+                    self.pool.release(name)
+
+    def _states(self, out: ThinkerStates) -> np.ndarray:
+        """hidden + embeds per fed thinker token, [P + R - 1, embedding_size] float32, checked."""
+        fed = len(out.prompt_ids) + len(out.token_ids) - 1
+        width = self.config.embedding_size
+        for name in ("embeds", "hidden"):
+            shape = np.shape(getattr(out, name))
+            if shape != (fed, width):
+                raise InputError(f"thinker_outputs.{name} has shape {shape}, expected ({fed}, {width}) for "
+                                 f"{len(out.prompt_ids)} prompt and {len(out.token_ids)} reply tokens",
+                                 fix="pass Generation.states[row] of ThinkerGenerator.generate(..., keep_states=True)",
+                                 param="thinker_outputs")
+        if np.shape(out.prompt_positions) != (3, len(out.prompt_ids)):
+            raise InputError(f"thinker_outputs.prompt_positions has shape {np.shape(out.prompt_positions)}, "
+                             f"expected (3, {len(out.prompt_ids)})", fix="pass Generation.states[row] unchanged",
+                             param="thinker_outputs")
+        return np.asarray(out.hidden, dtype=np.float32) + np.asarray(out.embeds, dtype=np.float32)
+
+    def _generate(self, states, prompt_len, prompt_positions, speaker_bos, sampling, seed, max_new_tokens, on_codes):
+        cfg = self.config
+        rng = np.random.default_rng(seed)
+        text = self.pool.get(THINKER_EMBEDDING).run(
+            None, {"input_ids": np.array([[speaker_bos, cfg.text_eos, cfg.text_pad]], dtype=np.int64)})[0][0]
+        codec_embed = self.pool.get(EMBEDDING)
+
+        def codec(ids) -> np.ndarray:
+            return codec_embed.run(None, {"input_ids": np.asarray(ids, dtype=np.int64).reshape(1, -1)})[0][0]
+
+        # prefill: the prompt's states, speaker bos + codec pad, first reply state + codec bos
+        prefill = np.concatenate([states[:prompt_len], text[0:1], states[prompt_len:prompt_len + 1]])
+        prefill[-2:] += codec([cfg.codec_pad, cfg.codec_bos])
+        top = int(np.max(prompt_positions)) if prompt_len else -1
+        positions = np.concatenate([np.asarray(prompt_positions, dtype=np.int64),
+                                    np.broadcast_to(np.array([top + 1, top + 2], dtype=np.int64), (3, 2))], axis=1)
+        # dual track: the rest of the reply, the text eos, then the text pad for ever after
+        reply = np.concatenate([states[prompt_len + 1:], text[1:2]])
+        delta = top + 3 - (prompt_len + 2)  # decode position = cache length + delta
+
+        decoder = KVDecoder(self.pool.get(DECODER), self.manifest.graph(DECODER), import_onnxruntime(),
+                            device=self.device, prefill_chunk=self.prefill_chunk)
+        cache = decoder.new_cache(prefill.shape[0] + max_new_tokens)
+        logits, _ = decoder.step(cache, prefill[None], positions[:, None, :])
+        history = np.array([[cfg.codec_mask] * prompt_len + [cfg.codec_pad, cfg.codec_bos]], dtype=np.int64)
+        penalty = SamplingConfig(repetition_penalty=sampling.repetition_penalty)
+        warp = dataclasses.replace(sampling, repetition_penalty=1.0)
+        suppress = np.array([t for t in cfg.suppress_tokens if 0 <= t < cfg.vocab_size], dtype=np.int64)
+        fed = {"steps": 0}
+
+        def choose(step_logits, seen, mask):
+            # transformers' order: repetition penalty, suppressed tokens, then the sampling warpers
+            scores = process_logits(step_logits, seen, penalty, attention_mask=mask)
+            scores[:, suppress] = -np.inf
+            return next_tokens(scores, seen, warp, rng)
+
+        def next_inputs(new, live):
+            k = fed["steps"]
+            fed["steps"] += 1
+            extra = reply[k] if k < len(reply) else text[2]
+            embeds = (codec(new[:1]) + extra)[None]  # [1, 1, embedding_size]
+            return [(embeds, np.full((3, 1, 1), cache.length + delta, dtype=np.int64))]
+
+        def on_step(new):
+            if on_codes is not None and int(new[0]) not in cfg.eos_token_ids:
+                on_codes([int(new[0])])
+
+        decoded = decoder.decode([cache], logits[None], history, choose, next_inputs, max_new_tokens,
+                                 cfg.eos_token_ids, cfg.codec_pad, on_step=on_step)
+        codes = decoded.token_ids[0]
+        if decoded.finish_reasons[0] == "eos":
+            codes = codes[:-1]
+        return codes
