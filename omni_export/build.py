@@ -50,16 +50,27 @@ def prepare(model_dir: str | Path, recipe: str | Recipe, calib: str | Path | Non
     if calib is not None:
         recipe = recipe.with_calibration_file(calib)
     ckpt = Checkpoint.open(model_dir)
-    modules = [REGISTRY[name](ckpt, settings) for name, settings in recipe.modules.items()]
-    for module in modules:
+    modules, skipped = [], {}
+    for name, settings in recipe.modules.items():
+        module = REGISTRY[name](ckpt, settings)
+        reason = module.skip_reason()
+        if reason is None and any(dep in skipped for dep in module.requires):
+            reason = f"needs {', '.join(d for d in module.requires if d in skipped)}, which is skipped"
+        if reason is not None:
+            skipped[name] = reason
+            continue
         module.check()
-    return recipe, ckpt, modules
+        modules.append(module)
+    return recipe, ckpt, modules, skipped
 
 
 def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, force: bool = False,
                  console=None, memory_check: bool = True, calib: str | Path | None = None) -> Path:
     """Compile ``model_dir`` with ``recipe`` into the bundle directory ``out`` (atomically)."""
-    recipe, ckpt, modules = prepare(model_dir, recipe, calib)
+    recipe, ckpt, modules, skipped = prepare(model_dir, recipe, calib)
+    for name, reason in skipped.items():
+        if console is not None:
+            console.print(f"{name} skipped: {reason}", markup=False, highlight=False)
     writer = BundleWriter(Path(out), force=force)  # checks the output path before any work
     if memory_check:
         check_memory(ckpt, modules)
@@ -102,6 +113,7 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
             "special_tokens": {**tokens, "pad": generation["pad_token_id"]},
             "generation": generation,
             "config": config,
+            "modules": {"built": [m.name for m in modules], "skipped": skipped},
             "build": {"seconds": round(time.perf_counter() - started, 2),
                       "layer_seconds": [round(t, 3) for t in ctx.stats.get("thinker", {}).get("layer_seconds", [])],
                       **({"awq": ctx.stats["awq"]} if ctx.stats.get("awq") else {})},

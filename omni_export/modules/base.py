@@ -35,6 +35,13 @@ class Module:
         self.ckpt = ckpt
         self.settings = settings
 
+    #: modules this one needs in the same bundle (skipped with them)
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def skip_reason(self) -> str | None:
+        """Why this checkpoint has nothing to build for the module (e.g. no talker), or None."""
+        return None
+
     def check(self) -> None:
         """Refuse, before any work, a checkpoint or setting this module cannot build."""
 
