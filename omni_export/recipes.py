@@ -129,6 +129,8 @@ class ModuleSpec:
     #: linear layers of one block; ``keep_float`` names are ``layers.<i>.<linear>``
     linears: tuple[str, ...]
     layer_prefix: str = "layers"
+    #: the ``weights`` values this module can be built with
+    weights: tuple[str, ...] = WEIGHTS
 
 
 #: Known modules. Adding one (audio/vision encoders, talker, token2wav) is one entry here.
@@ -139,10 +141,37 @@ MODULES: dict[str, ModuleSpec] = {
         linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     ),
+    "audio": ModuleSpec(
+        description="the thinker's audio encoder (log-mel features -> one embedding per 40 ms)",
+        keys=("weights",),
+        linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+        weights=("float32",),
+    ),
+    "talker": ModuleSpec(
+        description="the talker (speech codec tokens from the thinker's states), with its codec embeddings",
+        keys=("weights",),
+        linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        weights=("float32",),
+    ),
+    "vision": ModuleSpec(
+        description="the thinker's vision encoder (image and video patches -> one embedding per 28x28 px)",
+        keys=("weights",),
+        linears=("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        layer_prefix="blocks",
+        weights=("float32",),
+    ),
+    "token2wav": ModuleSpec(
+        description="token2wav: the DiT (speech codes -> mel, one ODE velocity per run) and the BigVGAN vocoder",
+        keys=("weights",),
+        linears=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.ff.0", "ff.ff.3"),
+        layer_prefix="transformer_blocks",
+        weights=("float32",),
+    ),
 }
 
 #: Modules of Qwen2.5-Omni that recipes will configure once their export lands.
-PLANNED_MODULES = ("audio_encoder", "vision_encoder", "talker", "token2wav")
+PLANNED_MODULES: tuple[str, ...] = ()
 
 #: Layer indices tried when checking that a keep_float pattern can match a linear.
 _MAX_LAYERS = 1000
@@ -364,7 +393,7 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
     values: dict[str, Any] = {}
     for key in KEYS:
         if key not in spec.keys:
-            values[key] = None
+            values[key] = "none" if key == "method" else None  # a module without the key does not quantize
             continue
         ks = KEYS[key]
         if key not in settings:
@@ -374,6 +403,9 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
         if not ks.check(value):
             raise bad(f"modules.{name}.{key}: {value!r} is not valid", f"use {ks.choices}")
         values[key] = value
+    if values["weights"] not in spec.weights:
+        raise bad(f"modules.{name}.weights: {values['weights']} is not built for the {name} module yet",
+                  f"use weights: {' | '.join(spec.weights)}")
     for (key, value), (problem, fix) in NOT_YET.items():
         if values.get(key) == value:
             raise bad(f"modules.{name}.{key}: {problem}", fix)

@@ -9,9 +9,16 @@ its host-side preparation, its runtime stage (``omni_runtime/<name>.py``) and it
 
 from __future__ import annotations
 
+from .audio import AudioModule
 from .base import BuildContext, Module
+from .talker import TalkerModule
 from .thinker import ThinkerModule
+from .token2wav import Token2WavModule
+from .vision import VisionModule
 
-REGISTRY: dict[str, type[Module]] = {ThinkerModule.name: ThinkerModule}
+REGISTRY: dict[str, type[Module]] = {ThinkerModule.name: ThinkerModule, AudioModule.name: AudioModule,
+                                     TalkerModule.name: TalkerModule, VisionModule.name: VisionModule,
+                                     Token2WavModule.name: Token2WavModule}
 
-__all__ = ["REGISTRY", "BuildContext", "Module", "ThinkerModule"]
+__all__ = ["REGISTRY", "AudioModule", "BuildContext", "Module", "TalkerModule", "ThinkerModule", "Token2WavModule",
+           "VisionModule"]
