@@ -23,20 +23,22 @@ demo: setup
 	$(BIN)/omni-export tiny $(DEMO)/model
 	$(BIN)/omni-export build --model $(DEMO)/model --recipe fp32 --out $(DEMO)/bundle
 	$(BIN)/omni-export inspect $(DEMO)/bundle
-	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Tell me about the sea." --max-new-tokens 24 --seed 0
+	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Tell me about the sea." --max-new-tokens 24 --sample --seed 0
 	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Tell me about the sea." --max-new-tokens 8 --greedy --json
 
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The runtime installs on its own (no torch, no transformers) and runs the demo bundle.
+# The runtime installs on its own (no torch, no transformers) and runs the demo bundle with its
+# own command line.
 runtime-check:  # after `make demo`
 	rm -rf .venv-runtime
 	$(PYTHON) -m venv .venv-runtime
 	.venv-runtime/bin/pip install -q "./runtime[cpu]"
-	.venv-runtime/bin/python -c "import importlib.util as u, sys; from omni_runtime.runner import OmniRunner; \
-	r = OmniRunner('$(DEMO)/bundle').chat('Hello', max_new_tokens=4); print(r.text, r.token_ids); \
+	.venv-runtime/bin/python -c "import importlib.util as u; \
 	assert u.find_spec('torch') is None and u.find_spec('transformers') is None, 'runtime venv has torch'"
+	.venv-runtime/bin/omni-runtime --version
+	.venv-runtime/bin/omni-runtime run $(DEMO)/bundle --prompt Hello --max-new-tokens 4 --json
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .venv-runtime

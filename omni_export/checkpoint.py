@@ -18,9 +18,12 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
+
+if TYPE_CHECKING:  # torch is imported by safetensors when tensors are read; opening and
+    import torch   # validating a checkpoint (keys, shapes) stays torch-free and fast
 
 from omni_runtime.errors import OmniError
 
@@ -95,7 +98,7 @@ class Checkpoint:
         single = root / SINGLE_FILE
         if single.is_file():
             try:
-                with safe_open(single, framework="pt") as f:
+                with safe_open(single, framework="numpy") as f:
                     return {name: SINGLE_FILE for name in f.keys()}
             except Exception as exc:  # safetensors raises its own error types
                 raise CheckpointError(f"cannot read safetensors file ({exc})", path=single, fix="the file is corrupt or truncated: download it again") from None
@@ -147,7 +150,7 @@ class Checkpoint:
         """Total element count of the named tensors, read from the safetensors headers only."""
         total = 0
         for file, file_names in self._by_file(names).items():
-            with safe_open(self.root / file, framework="pt") as f:
+            with safe_open(self.root / file, framework="numpy") as f:
                 for name in file_names:
                     total += math.prod(f.get_slice(name).get_shape())
         return total

@@ -1,21 +1,32 @@
 """The ``omni-export`` command line (typer).
 
 Every user-facing failure is an ``OmniError``: printed as one message naming the file and the
-fix, exit code 2, no traceback.
+fix, exit code 2, no traceback (usage errors too). Nothing the user or a bundle supplies (paths,
+prompts, manifest values, messages) is read as rich markup: the consoles print with markup off.
+
+``run`` is ``omni-runtime run`` (``omni_runtime.cli.run_main``): one implementation, one set of
+options. ``build`` and ``tiny`` check their inputs and output path before torch is imported,
+and turn SIGINT/SIGTERM into a clean exit that leaves no temporary directory behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from omni_runtime.errors import OmniError
+
+from . import __version__
 
 app = typer.Typer(
     name="omni-export",
@@ -23,13 +34,57 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True)
+# markup=False: a path such as "a[/x]b" or a message with "[gpu]" is printed as it is.
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    err.print(message)
+
+
+def error(message: str) -> None:
+    err.print(Text.assemble(("error:", "bold red"), " ", message))
+
+
+def warn(message: str) -> None:
+    err.print(Text.assemble(("warning:", "bold yellow"), " ", message))
 
 
 def fail(exc: OmniError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    from omni_runtime.cli import cli_message
+
+    error(cli_message(exc))
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def interruptible(what: str) -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP remove the temporary directories being written and exit 128+N."""
+    from .bundle import exit_on_signals
+
+    def said(name: str) -> None:
+        err.show_cursor(True)  # a progress display may have hidden it
+        err.print()
+        error(f"{what} interrupted by {name}; its temporary files were removed and nothing was written")
+
+    with exit_on_signals(said):
+        yield
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"omni-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Show the version and exit."),
+) -> None:
+    """Compile Qwen2.5-Omni checkpoints into ONNX bundles and run them."""
 
 
 @app.command()
@@ -40,17 +95,26 @@ def tiny(
     layers: Optional[int] = typer.Option(None, help="Thinker layer count (default: 2 for tiny, 4 for 7b-shape)."),
 ) -> None:
     """Write a random-weight Qwen2.5-Omni checkpoint in the real on-disk layout."""
+    from .bundle import check_output
     from .tiny_model import PRESETS, write_tiny_checkpoint
 
     if preset not in PRESETS:
         fail(OmniError(f"unknown preset {preset!r}", fix=f"use one of: {', '.join(PRESETS)}"))
+    if seed < 0:
+        fail(OmniError(f"--seed must be >= 0, got {seed}", fix="pass a seed >= 0"))
     try:
-        path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True)
-    except FileExistsError:
-        fail(OmniError("already exists and is not empty", path=out_dir, fix="choose a new directory or remove it first"))
-    except ValueError as exc:
-        fail(OmniError(str(exc), fix="see `omni-export tiny --help`"))
-    err.print(f"wrote random-weight {preset} checkpoint to {path}")
+        check_output(out_dir, kind="checkpoint", flag="OUT")
+    except OmniError as exc:
+        fail(exc)
+    with interruptible("tiny"):
+        try:
+            path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True)
+        except FileExistsError:
+            fail(OmniError("already exists and is not empty", path=out_dir,
+                           fix="choose a new directory or remove it first"))
+        except ValueError as exc:
+            fail(OmniError(str(exc), fix="see `omni-export tiny --help`"))
+    say(f"wrote random-weight {preset} checkpoint to {path}")
 
 
 @app.command()
@@ -61,61 +125,42 @@ def build(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check",
                                       help="Refuse up front an export that would not fit in RAM."),
+    verify: bool = typer.Option(False, "--verify", help="Then compare the bundle with the PyTorch model "
+                                                        "(as `omni-export verify`) and print the report."),
 ) -> None:
     """Export the model's graphs into a bundle with a manifest."""
-    from .build import build_bundle
+    # Cheap checks first, before torch is imported (seconds): output path, recipe, checkpoint.
+    from .bundle import check_output
+    from .checkpoint import Checkpoint
+    from .recipes import load_recipe
 
     try:
-        path = build_bundle(model, recipe, out, force=force, console=err, memory_check=memory_check)
+        check_output(out, force=force, flag="--out")
+        load_recipe(recipe)
+        Checkpoint.open(model)
     except OmniError as exc:
         fail(exc)
-    err.print(f"bundle written to {path}")
+    with interruptible("build"):
+        from .build import build_bundle
+
+        try:
+            path = build_bundle(model, recipe, out, force=force, console=err, memory_check=memory_check)
+        except OmniError as exc:
+            fail(exc)
+    say(f"bundle written to {path}")
+    if verify:
+        _verify_and_show(path, model)
 
 
-@app.command()
-def run(
-    bundle: Path = typer.Argument(..., help="Bundle directory (with manifest.json)."),
-    prompt: str = typer.Option(..., "--prompt", help="User prompt text."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the Qwen2.5-Omni one)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation limit (default: the bundle's)."),
-    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (overrides the sampling options)."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k filter (0 = off)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p (nucleus) filter."),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="Repetition penalty (1 = off)."),
-    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, prompt_ids, token_ids, ...)."),
-) -> None:
-    """Chat with a bundle: renders the chat template, generates and streams the answer."""
-    from dataclasses import replace
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def run(ctx: typer.Context) -> None:
+    """Chat with a bundle: renders the chat template, generates and streams the answer (options: run -h)."""
+    from omni_runtime.cli import run_main
 
-    from omni_runtime.runner import OmniRunner
-
-    try:
-        runner = OmniRunner(bundle, device=device)
-        sampling = runner.default_sampling()
-        changes = {k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                                     "repetition_penalty": repetition_penalty}.items() if v is not None}
-        if changes:
-            sampling = replace(sampling, do_sample=True, **changes)
-        if greedy:
-            sampling = replace(sampling, do_sample=False)
-
-        def stream(piece: str) -> None:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-        result = runner.chat(prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
-                             seed=seed, on_text=None if as_json else stream)
-    except OmniError as exc:
-        fail(exc)
-    if as_json:
-        body = result.to_json()
-        body.pop("prompt", None)
-        print(json.dumps(body, ensure_ascii=False))
-    else:
-        sys.stdout.write("\n")
+    raise typer.Exit(run_main(list(ctx.args), prog="omni-export run"))
 
 
 @app.command()
@@ -127,6 +172,8 @@ def inspect(
     """Show a bundle's manifest: model, recipe, graphs and their IO."""
     from omni_runtime.manifest import load_manifest, verify_file
 
+    from .recipes import recipe_summary
+
     try:
         manifest = load_manifest(bundle)
         if verify:
@@ -137,12 +184,13 @@ def inspect(
     if as_json:
         print(json.dumps(manifest.data, indent=2))
         return
-    out = Console()
+    out = Console(markup=False, highlight=False)
     data = manifest.data
-    out.print(f"[bold]{manifest.root}[/]  schema {data['schema']} v{data['schema_version']}, "
-              f"producer {data['producer']['name']} {data['producer']['version']}")
-    out.print(f"model {data['model']['family']} ({data['model']['source']}), recipe {data['recipe']['name']} "
-              f"({data['recipe']['dtype']}, quantization {data['recipe']['quantization']})")
+    out.print(Text.assemble((str(manifest.root), "bold"),
+                            f"  schema {data['schema']} v{data['schema_version']}, "
+                            f"producer {data['producer']['name']} {data['producer']['version']}"))
+    out.print(f"model {data['model']['family']} ({data['model'].get('source')}), recipe {data['recipe']['name']} "
+              f"({recipe_summary(data['recipe'])})")
     table = Table(title="graphs")
     for col in ("graph", "files", "MB", "dtype", "quantization", "opset"):
         table.add_column(col, overflow="fold")
@@ -169,12 +217,104 @@ def inspect(
     out.print(consts)
     out.print("special tokens: " + ", ".join(f"{k}={v}" for k, v in data["special_tokens"].items()))
     if verify:
-        out.print(f"[green]all {len(manifest.files)} files match their sha256[/]")
+        out.print(Text(f"all {len(manifest.files)} files match their sha256", style="green"))
 
 
-def main() -> None:
-    app()
+@app.command("verify")
+def verify_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    model: Path = typer.Option(..., "--model", help="The checkpoint directory the bundle was built from."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    prompts: int = typer.Option(4, "--prompts", min=1, help="Built-in conversations to score end to end."),
+    tokens: int = typer.Option(32, "--tokens", min=1, help="Teacher-forced answer tokens per conversation."),
+) -> None:
+    """Compare the bundle's graphs with the PyTorch model in fp32 (one decoder layer at a time)."""
+    from omni_runtime.manifest import load_manifest
+
+    from .checkpoint import Checkpoint
+
+    try:  # cheap checks before torch is imported
+        load_manifest(bundle)
+        Checkpoint.open(model)
+    except OmniError as exc:
+        fail(exc)
+    _verify_and_show(bundle, model, as_json, prompts, tokens)
+
+
+def _verify_and_show(bundle: Path, model: Path, as_json: bool = False, prompts: int = 4, tokens: int = 32) -> None:
+    """Run ``omni_export.verify.verify_bundle`` with a progress bar; print a table or JSON."""
+    from .build import _progress
+    from .verify import verify_bundle
+
+    failure = None
+    with _progress(err) as progress:
+        task = progress.add_task("verify", total=1)
+
+        def on_progress(description: str, done: int, total: int) -> None:
+            progress.update(task, description=description, completed=done, total=total)
+
+        try:
+            report = verify_bundle(bundle, model, prompts=prompts, tokens=tokens, progress=on_progress)
+        except OmniError as exc:
+            failure = exc
+    if failure is not None:
+        fail(failure)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out = Console(markup=False, highlight=False)
+    out.print(f"verify {report['bundle']} (recipe {report['recipe']}) against {report['model']}, "
+              f"fp32 PyTorch reference, {report['seconds']:.1f} s")
+    graphs = Table(title="graphs vs PyTorch (rel_rms = rms(diff) / rms(reference))")
+    for col in ("graph", "max_abs", "rel_rms", "logits max_abs", "logits rel_rms"):
+        graphs.add_column(col)
+    for name, m in report["graphs"].items():
+        graphs.add_row(name, *(f"{m[k]:.3g}" if k in m else "" for k in
+                               ("max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms")))
+    out.print(graphs)
+    t = report["thinker"]
+    thinker = Table(title="thinker, teacher-forced on built-in conversations")
+    for col in ("top1 agreement", "mean KL", "max KL", "positions"):
+        thinker.add_column(col)
+    thinker.add_row(f"{t['top1_agreement']:.4f}", f"{t['mean_kl']:.3g}", f"{t['max_kl']:.3g}", str(t["positions"]))
+    out.print(thinker)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from .bundle import StalePartialWarning
+
+    if issubclass(category, StalePartialWarning):
+        warn(str(message))
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``omni-export`` entry point; returns the exit code (2 for any bad input)."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - typer versions that use click itself
+        from click.exceptions import ClickException
+
+    warnings.showwarning = _show_warning
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="omni-export", standalone_mode=False)
+    except ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help was shown
+            return exc.exit_code
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "omni-export"
+        error(f"{exc.format_message()}\n  fix: see `{where} --help`")
+        return exc.exit_code
+    except typer.Abort:
+        error("aborted")
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,8 +25,10 @@ Presets:
     ``layers``, default 4; audio encoder, vision encoder, talker and DiT 2 each), bfloat16 by
     default: about 2.3 B parameters, 4.6 GB on disk.
 
-The directory is built next to ``out_dir`` under a hidden ``.<name>.partial-<random>`` name and
-renamed into place at the end, so an interrupted run never leaves a half-written checkpoint.
+The directory is built next to ``out_dir`` under a hidden ``.<name>.partial-<pid>-<random>`` name
+and renamed into place at the end, so an interrupted run never leaves a half-written checkpoint
+(a failure or, under :func:`omni_export.bundle.exit_on_signals`, SIGINT/SIGTERM removes it; one
+left by a killed process is removed by the next run once that process is gone).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -49,9 +52,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
 __all__ = [
+    "AWQ_GROUP_SIZE",
     "CHECKPOINT_FILES",
     "PRESETS",
     "SPEAKERS",
+    "awq_quantization_config",
     "build_config",
     "legacy_config_dict",
     "write_tiny_checkpoint",
@@ -402,8 +407,10 @@ def _write_safetensors(
     target: "torch.dtype",
     metadata: dict[str, str],
     progress: bool,
+    keep_dtype: frozenset[str] = frozenset(),
 ) -> None:
-    """Stream ``tensors`` into a safetensors file, casting floating tensors to ``target``.
+    """Stream ``tensors`` into a safetensors file, casting floating tensors to ``target``
+    (except the names in ``keep_dtype``).
 
     ``safetensors.torch.save_file`` first copies every tensor into a Python ``bytes`` object,
     which would double the peak memory of a multi-GB model; this writes one tensor at a time.
@@ -414,7 +421,7 @@ def _write_safetensors(
     offset = 0
     plan = []
     for name, t in tensors:
-        dt = target if t.is_floating_point() else t.dtype
+        dt = target if t.is_floating_point() and name not in keep_dtype else t.dtype
         nbytes = t.numel() * torch.empty((), dtype=dt).element_size()
         header[name] = {
             "dtype": _ST_DTYPES[str(dt).removeprefix("torch.")],
@@ -496,7 +503,67 @@ def _dump_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_into(tmp: Path, preset: str, seed: int, layers: int | None, dtype_name: str, progress: bool) -> None:
+#: AutoAWQ group size of the ``awq=True`` checkpoints: the real 128 where the widths allow it;
+#: the tiny preset's in-features (64, 128) get 32 so every row has several groups.
+AWQ_GROUP_SIZE = {"tiny": 32, "7b-shape": 128}
+
+#: ``modules_to_not_convert`` AutoAWQ writes for Qwen2.5-Omni
+#: (``Qwen2_5_OmniAWQForConditionalGeneration.modules_to_not_convert``); only the thinker text
+#: decoder layers are quantized (its ``get_model_layers`` is ``thinker.model.layers``).
+AWQ_MODULES_TO_NOT_CONVERT = ["visual"]
+
+_AWQ_LINEAR = re.compile(r"^(thinker\.model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))\.(weight|bias)$")
+
+
+def awq_quantization_config(preset: str) -> dict:
+    """The ``quantization_config`` written to config.json by ``write_tiny_checkpoint(awq=True)``."""
+    _check_preset(preset)
+    return {
+        "bits": 4,
+        "group_size": AWQ_GROUP_SIZE[preset],
+        "modules_to_not_convert": list(AWQ_MODULES_TO_NOT_CONVERT),
+        "quant_method": "awq",
+        "version": "gemm",
+        "zero_point": True,
+    }
+
+
+def _awq_tensors(tensors: list[tuple[str, "torch.Tensor"]], group_size: int) -> tuple[list, frozenset[str]]:
+    """Replace every thinker decoder linear ``.weight`` by AutoAWQ GEMM ``.qweight`` / ``.qzeros``
+    (int32) / ``.scales`` (float16), RTN-quantized with ``group_size``; their biases become
+    float16 as in AutoAWQ's ``WQLinear_GEMM``. Returns the tensors and the names whose dtype
+    must be kept."""
+    import numpy as np
+    import torch
+
+    from omni_export.quant import rtn
+    from omni_export.quant.packing import pack_autoawq
+
+    out: list[tuple[str, torch.Tensor]] = []
+    keep: set[str] = set()
+    for name, t in tensors:
+        m = _AWQ_LINEAR.match(name)
+        if m is None:
+            out.append((name, t))
+            continue
+        prefix, kind = m.group(1), m.group(2)
+        if kind == "bias":
+            out.append((name, t.detach().to(torch.float16)))
+            keep.add(name)
+            continue
+        qw = rtn.quantize(t.detach().to(torch.float32).numpy(), group_size, bits=4)
+        qw.scales = qw.scales.astype(np.float16).astype(np.float32)  # what float16 storage keeps
+        qweight, qzeros, scales = pack_autoawq(qw)
+        for part, arr in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+            out.append((f"{prefix}.{part}", torch.from_numpy(arr)))
+            keep.add(f"{prefix}.{part}")
+    out.sort(key=lambda item: item[0])
+    return out, frozenset(keep)
+
+
+def _write_into(
+    tmp: Path, preset: str, seed: int, layers: int | None, dtype_name: str, progress: bool, awq: bool = False
+) -> None:
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration
 
@@ -524,11 +591,18 @@ def _write_into(tmp: Path, preset: str, seed: int, layers: int | None, dtype_nam
             seen[key] = name
         tensors.append((_legacy_name(name), t))
     del state
-    _write_safetensors(tmp / "model.safetensors", tensors, target, {"format": "pt"}, progress)
+    keep: frozenset[str] = frozenset()
+    if awq:
+        _say(progress, f"quantizing the thinker decoder linears to AutoAWQ GEMM int4 (group {AWQ_GROUP_SIZE[preset]})")
+        tensors, keep = _awq_tensors(tensors, AWQ_GROUP_SIZE[preset])
+    _write_safetensors(tmp / "model.safetensors", tensors, target, {"format": "pt"}, progress, keep_dtype=keep)
     del tensors, model
 
     _say(progress, "writing config, tokenizer, processor and speaker files")
-    _dump_json(tmp / "config.json", legacy_config_dict(config, dtype_name))
+    config_dict = legacy_config_dict(config, dtype_name)
+    if awq:
+        config_dict["quantization_config"] = awq_quantization_config(preset)
+    _dump_json(tmp / "config.json", config_dict)
     _dump_json(tmp / "generation_config.json", _generation_config())
     _dump_json(tmp / "preprocessor_config.json", _PREPROCESSOR_CONFIG)
     tokenizer_kit.write_tokenizer(tmp)
@@ -551,6 +625,7 @@ def write_tiny_checkpoint(
     layers: int | None = None,
     dtype: str | None = None,
     progress: bool = False,
+    awq: bool = False,
 ) -> Path:
     """Write a random-weight Qwen2.5-Omni checkpoint of ``preset`` into ``out_dir``.
 
@@ -558,6 +633,12 @@ def write_tiny_checkpoint(
     count; ``dtype`` (float32, bfloat16, float16) the weight dtype (default float32 for ``tiny``,
     bfloat16 for ``7b-shape``). Raises ``FileExistsError`` if ``out_dir`` exists and is not an
     empty directory. Returns ``out_dir``.
+
+    ``awq=True`` writes an AutoAWQ GEMM checkpoint like ``Qwen/Qwen2.5-Omni-7B-AWQ``: every
+    thinker text decoder linear (q, k, v, o, gate, up, down) is stored as ``.qweight`` /
+    ``.qzeros`` int32 and ``.scales`` float16 (RTN int4 of the same random weights, group size
+    :data:`AWQ_GROUP_SIZE`), its bias as float16, and config.json gets the
+    ``quantization_config`` of :func:`awq_quantization_config`; everything else is unchanged.
     """
     _check_preset(preset)
     dtype_name = _resolve_dtype(preset, dtype)
@@ -567,20 +648,34 @@ def write_tiny_checkpoint(
         raise FileExistsError(
             f"{out_dir} already exists and is not empty; choose a new directory or remove it first"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    from omni_export.bundle import (clean_stale_partials, make_parents, partial_prefix, remove_created,
+                                    signals_deferred, track_temporary, untrack_temporary)
+
+    clean_stale_partials(out_dir)
+    made = make_parents(Path(os.path.abspath(out_dir)).parent)
+    tmp = out_dir.parent / f"{partial_prefix(out_dir)}{secrets.token_hex(4)}"
     try:
-        _write_into(tmp, preset, seed, layers, dtype_name, progress)
+        tmp.mkdir()
+    except BaseException:
+        remove_created(made)
+        raise
+    track_temporary(tmp, made)
+    try:
+        _write_into(tmp, preset, seed, layers, dtype_name, progress, awq=bool(awq))
         if _is_nonempty(out_dir):
             raise FileExistsError(
                 f"{out_dir} appeared while the checkpoint was being written; it was left untouched"
             )
-        try:
-            os.rename(tmp, out_dir)  # replaces an empty directory atomically on POSIX
-        except OSError as err:
-            raise FileExistsError(f"cannot move the new checkpoint into {out_dir}: {err}") from err
+        with signals_deferred():
+            try:
+                os.rename(tmp, out_dir)  # replaces an empty directory atomically on POSIX
+            except OSError as err:
+                raise FileExistsError(f"cannot move the new checkpoint into {out_dir}: {err}") from err
+            untrack_temporary(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+            untrack_temporary(tmp)
+            remove_created(made)
         raise
     return out_dir

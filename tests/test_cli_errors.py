@@ -1,6 +1,7 @@
 """Bad input gives one clear message naming the file and the fix, exit code 2, no traceback."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -89,8 +90,8 @@ def test_unknown_recipe(tiny_checkpoint, tmp_path):
 
 def test_unknown_recipe_key(tiny_checkpoint, tmp_path):
     recipe = tmp_path / "mine.yaml"
-    recipe.write_text("schema_version: 1\nname: mine\ndtype: float32\nquantization: null\n"
-                      "components: [thinker]\nturbo: true\n")
+    recipe.write_text("schema_version: 2\nname: mine\nmodules:\n  thinker:\n    weights: float32\n"
+                      "    turbo: true\n")
     assert_clean_error(run_cli("build", "--model", tiny_checkpoint, "--recipe", recipe, "--out", tmp_path / "b"),
                        str(recipe), "turbo")
 
@@ -100,7 +101,7 @@ def test_existing_output_needs_force(tiny_checkpoint, tiny_bundle):
 
 
 def test_bad_sampling_parameter(tiny_bundle):
-    assert_clean_error(run_cli("run", tiny_bundle, "--prompt", "hi", "--top-p", "1.5"), "top_p")
+    assert_clean_error(run_cli("run", tiny_bundle, "--prompt", "hi", "--top-p", "1.5"), "--top-p must be in (0, 1]")
 
 
 def test_empty_prompt(tiny_bundle):
@@ -117,4 +118,75 @@ def test_tiny_bad_layers(tmp_path):
 
 
 def test_zero_new_tokens(tiny_bundle):
-    assert_clean_error(run_cli("run", tiny_bundle, "--prompt", "hi", "--max-new-tokens", "0"), "max_new_tokens")
+    assert_clean_error(run_cli("run", tiny_bundle, "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens")
+
+
+# ------------------------------------------------------------------------------ no rich markup
+
+
+def linked_copy(src, dest):
+    """Copy a bundle directory as hard links (read-only use)."""
+    dest.mkdir(parents=True)
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir()
+            continue
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+    return dest
+
+
+@pytest.mark.parametrize("args, text", [
+    (("run", "{tmp}/a[/x]b", "--prompt", "hi"), "{tmp}/a[/x]b: bundle directory does not exist"),
+    (("run", "{tmp}/my[bold]bundle", "--prompt", "hi"), "{tmp}/my[bold]bundle: bundle directory does not exist"),
+    (("inspect", "{tmp}/a[/x]b"), "{tmp}/a[/x]b: bundle directory does not exist"),
+    (("build", "--model", "{tmp}/m[/x]", "--out", "{tmp}/b[bold]"), "{tmp}/m[/x]: model directory does not exist"),
+    (("build", "--model", "{ckpt}", "--out", "{tmp}/o[red]x", "--force"), "{tmp}/o[red]x: exists and is a file"),
+    (("tiny", "{tmp}/t[bold]x"), "{tmp}/t[bold]x: exists and is a file"),
+    (("run", "{bundle}", "--prompt", "hi", "--top-p", "2"), "--top-p must be in (0, 1], got 2.0"),
+], ids=["run-close-tag", "run-bold", "inspect", "build-model", "build-out", "tiny-out", "message"])
+def test_bracketed_text_is_never_markup(tmp_path, tiny_checkpoint, tiny_bundle, args, text):
+    (tmp_path / "o[red]x").write_text("a file")
+    (tmp_path / "t[bold]x").write_text("a file")
+    values = {"tmp": tmp_path, "ckpt": tiny_checkpoint, "bundle": tiny_bundle}
+    proc = run_cli(*[a.format(**values) for a in args])
+    assert_clean_error(proc, "error: " + text.format(**values))
+
+
+def test_yaml_excerpt_keeps_its_brackets(tiny_checkpoint, tmp_path):
+    recipe = tmp_path / "r[1].yaml"
+    recipe.write_text("schema_version: 2\nname: [oops\n")
+    proc = run_cli("build", "--model", tiny_checkpoint, "--recipe", recipe, "--out", tmp_path / "b")
+    assert_clean_error(proc, str(recipe), "name: [oops")
+
+
+def test_cuda_fix_keeps_the_extra(tiny_bundle):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA is available here")
+    proc = run_cli("run", tiny_bundle, "--prompt", "hi", "--device", "cuda")
+    assert_clean_error(proc, "pip install omni-runtime[gpu], or use --device cpu")
+
+
+def test_bundle_under_bracketed_path_runs_and_inspects(tiny_bundle, tmp_path):
+    bundle = linked_copy(tiny_bundle, tmp_path / "a[" / "x]b[bold]")
+    proc = run_cli("inspect", bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert str(bundle.resolve()) in proc.stdout
+    proc = run_cli("run", bundle, "--prompt", "[bold]hi[/x]", "--system", "[/y] be brief", "--greedy",
+                   "--max-new-tokens", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(proc.stdout)
+    assert len(body["token_ids"]) >= 1 and body["finish_reason"] in ("eos", "length")
+
+
+def test_tiny_success_message_keeps_brackets(tmp_path):
+    out = tmp_path / "m[bold]x[/x]"
+    proc = run_cli("tiny", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"to {out}" in proc.stderr
+    assert (out / "config.json").is_file()

@@ -249,3 +249,18 @@ def test_dtype_names_agree_with_manifest():
     from omni_runtime.manifest import TENSOR_DTYPES
 
     assert set(sessions.ORT_DTYPES.values()) == TENSOR_DTYPES
+
+
+def test_accuracy_level_from_manifest_reaches_session_options():
+    from omni_runtime.manifest import GraphSpec
+    from omni_runtime.sessions import graph_session_config
+
+    def spec(quantization):
+        return GraphSpec("g", "g.onnx", (), 21, "float32", quantization, (), ())
+
+    assert graph_session_config(spec({"weights": "int4", "accuracy_level": 4})) == {
+        "session.qdq_matmulnbits_accuracy_level": "4"}
+    assert graph_session_config(spec({"weights": "int4", "accuracy_level": 0})) == {
+        "session.qdq_matmulnbits_accuracy_level": "0"}
+    assert graph_session_config(spec(None)) == {}
+    assert graph_session_config(spec({"accuracy_level": "4"})) == {}  # not an int: ignored, not trusted

@@ -4,12 +4,18 @@
 schema and version, required keys and their types, safe relative paths, and that every
 listed file exists with its listed size. ``verify_file`` checks a file's sha256 before its
 first use. ``validate_relpath`` is shared with the compiler's bundle writer.
+
+Whatever ``manifest.json`` holds (invalid UTF-8 or JSON, NaN/Infinity, huge or deeply nested
+values, wrong types, out-of-range numbers, unsafe or unencodable paths), the result is a Manifest
+or a BundleError naming the file and the fix, never another exception
+(tests/test_manifest_fuzz.py feeds it thousands of mutated manifests).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,7 +24,7 @@ from pathlib import Path
 from omni_runtime.errors import BundleError
 
 SCHEMA = "omni-export.bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 TENSOR_DTYPES = frozenset(
@@ -148,10 +154,10 @@ class Manifest:
         """Absolute path of a bundle-relative path, after checking it is safe and stays inside."""
         problem = _relpath_problem(relpath)
         path = self.root / relpath if problem is None else None
-        if path is not None and not path.resolve().is_relative_to(self.root):
-            problem = "it resolves outside the bundle (a symlink?)"
+        if path is not None:
+            problem = _resolve_problem(self.root, path)
         if problem is not None:
-            raise BundleError(f"unsafe path {relpath!r}: {problem}", path=self.manifest_path, fix=REBUILD_FIX)
+            raise BundleError(f"unsafe path {_short(relpath)}: {problem}", path=self.manifest_path, fix=REBUILD_FIX)
         return path
 
 
@@ -193,14 +199,7 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
         raise BundleError(
             f"not a complete bundle (an interrupted build?): no {MANIFEST_NAME}", path=given, fix=REBUILD_FIX
         )
-    try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise BundleError(f"invalid JSON: not UTF-8 ({e.reason})", path=manifest_path, fix=REBUILD_FIX) from e
-    except json.JSONDecodeError as e:
-        raise BundleError(
-            f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}", path=manifest_path, fix=REBUILD_FIX
-        ) from e
+    data = _read_json(manifest_path)
 
     check = _Checker(manifest_path)
     if not isinstance(data, dict):
@@ -221,6 +220,55 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
     return Manifest(root=root, data=data, graphs=graphs)
 
 
+def _read_json(manifest_path: Path) -> object:
+    """Parse ``manifest.json`` strictly: UTF-8, standard JSON (no NaN/Infinity), finite numbers,
+    integers of at most 4300 digits and nesting Python can handle; BundleError otherwise."""
+    try:
+        text = manifest_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BundleError(f"invalid JSON: not UTF-8 ({e.reason})", path=manifest_path, fix=REBUILD_FIX) from e
+    except OSError as e:
+        raise BundleError(f"cannot read the manifest ({e.strerror or e})", path=manifest_path, fix=COPY_FIX) from e
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise BundleError(
+            f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}", path=manifest_path, fix=REBUILD_FIX
+        ) from e
+    except _NonFinite as e:
+        raise BundleError(f"invalid JSON: {e}", path=manifest_path, fix=REBUILD_FIX) from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise BundleError(f"invalid JSON: {e}", path=manifest_path, fix=REBUILD_FIX) from None
+    except RecursionError:
+        raise BundleError("invalid JSON: nested too deeply", path=manifest_path, fix=REBUILD_FIX) from None
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str):
+    raise _NonFinite(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _short(value: object) -> str:
+    """A short rendering of ``value`` for messages: repr for strings, JSON otherwise (never raises)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 80 else repr(value[:60]) + "..."
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RecursionError):
+        text = f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def verify_file(manifest: Manifest, relpath: str) -> None:
     """Check the sha256 of a listed bundle file (read in 1 MiB chunks); BundleError if it differs."""
     entry = manifest.files.get(relpath)
@@ -236,6 +284,9 @@ def verify_file(manifest: Manifest, relpath: str) -> None:
                 digest.update(chunk)
     except FileNotFoundError as e:
         raise BundleError("missing file listed in the manifest", path=path, fix=COPY_FIX) from e
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise BundleError(f"cannot read this file listed in the manifest ({e.strerror or e})", path=path,
+                          fix=COPY_FIX) from e
     actual = digest.hexdigest()
     expected = entry["sha256"].lower()
     if actual != expected:
@@ -248,6 +299,10 @@ def _relpath_problem(relpath: object) -> str | None:
     """Why ``relpath`` is not a safe bundle-relative path, or None if it is."""
     if not isinstance(relpath, str) or not relpath:
         return "not a non-empty string"
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (an unpaired surrogate)"
     if "\\" in relpath:
         return "contains a backslash (use '/')"
     if "\0" in relpath:
@@ -277,7 +332,7 @@ class _Checker:
 
     def value(self, value: object, kind: str, where: str) -> object:
         if not _KINDS[kind](value):
-            raise self.error(f"{where} must be {kind}, not {json.dumps(value)[:60]}")
+            raise self.error(f"{where} must be {kind}, not {_short(value)}")
         return value
 
     def get(self, obj: dict, key: str, kind: str, where: str) -> object:
@@ -289,8 +344,14 @@ class _Checker:
     def relpath(self, value: object, where: str) -> str:
         problem = _relpath_problem(value)
         if problem is not None:
-            raise self.error(f"unsafe path {value!r} at {where}: {problem}")
+            raise self.error(f"unsafe path {_short(value)} at {where}: {problem}")
         return value
+
+    def minimum(self, obj: dict, key: str, where: str, low: float, *, above: bool = False) -> None:
+        """``obj[key]`` (already type-checked) must be >= ``low`` (> ``low`` with ``above``)."""
+        value = obj[key]
+        if value < low or (above and value == low):
+            raise self.error(f"{_join(where, key)} must be {'>' if above else '>='} {low}, not {_short(value)}")
 
     def int_list(self, obj: dict, key: str, where: str) -> list[int]:
         items = self.get(obj, key, "a list", where)
@@ -303,7 +364,7 @@ def _join(where: str, key: str) -> str:
     """JSON path of ``key`` inside ``where``: ``a.b`` for plain keys, ``a["x.onnx"]`` otherwise."""
     if key.isidentifier():
         return f"{where}.{key}" if where else key
-    return f"{where}[{json.dumps(key)}]"
+    return f"{where}[{json.dumps(key) if len(key) <= 80 else json.dumps(key[:60]) + '...'}]"
 
 
 def _check_structure(check: _Checker, data: dict) -> dict[str, GraphSpec]:
@@ -326,7 +387,7 @@ def _check_structure(check: _Checker, data: dict) -> dict[str, GraphSpec]:
             raise check.error(f"{_join(where, 'bytes')} must not be negative")
         sha = check.get(entry, "sha256", "a string", where)
         if not _SHA256.fullmatch(sha):
-            raise check.error(f"{_join(where, 'sha256')} must be 64 hex digits, not {sha!r}")
+            raise check.error(f"{_join(where, 'sha256')} must be 64 hex digits, not {_short(sha)}")
 
     tokenizer = check.get(data, "tokenizer", "an object", "")
     for key in ("file", "chat_template_file"):
@@ -337,25 +398,39 @@ def _check_structure(check: _Checker, data: dict) -> dict[str, GraphSpec]:
     special = check.get(data, "special_tokens", "an object", "")
     for name in SPECIAL_TOKEN_NAMES:
         check.get(special, name, "an integer", "special_tokens")
+        check.minimum(special, name, "special_tokens", 0)
 
     generation = check.get(data, "generation", "an object", "")
-    check.int_list(generation, "eos_token_ids", "generation")
+    for i, token in enumerate(check.int_list(generation, "eos_token_ids", "generation")):
+        if token < 0:
+            raise check.error(f"generation.eos_token_ids[{i}] must be >= 0, not {token}")
     for key, kind in (("pad_token_id", "an integer"), ("do_sample", "a boolean"), ("temperature", "a number"),
                       ("top_k", "an integer"), ("top_p", "a number"), ("repetition_penalty", "a number"),
                       ("max_new_tokens", "an integer")):
         check.get(generation, key, kind, "generation")
+    # The defaults must be usable as they are (the ranges of omni_runtime.sampling.SamplingConfig).
+    for key, low, above in (("pad_token_id", 0, False), ("temperature", 0, generation["do_sample"]),
+                            ("top_k", 0, False), ("top_p", 0, True), ("repetition_penalty", 0, True),
+                            ("max_new_tokens", 1, False)):
+        check.minimum(generation, key, "generation", low, above=above)
+    if generation["top_p"] > 1:
+        raise check.error(f"generation.top_p must be <= 1, not {_short(generation['top_p'])}")
 
     config = check.get(data, "config", "an object", "")
     thinker = check.get(config, "thinker", "an object", "config")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "vocab_size", "max_position_embeddings"):
         check.get(thinker, key, "an integer", "config.thinker")
+        check.minimum(thinker, key, "config.thinker", 1)
     for key in ("rms_norm_eps", "rope_theta"):
         check.get(thinker, key, "a number", "config.thinker")
-    check.get(thinker, "kv_dtype", "a string", "config.thinker")
+        check.minimum(thinker, key, "config.thinker", 0, above=True)
+    kv_dtype = check.get(thinker, "kv_dtype", "a string", "config.thinker")
+    if kv_dtype not in TENSOR_DTYPES:
+        raise check.error(f"config.thinker.kv_dtype {_short(kv_dtype)} is not one of {', '.join(sorted(TENSOR_DTYPES))}")
     section = check.int_list(thinker, "mrope_section", "config.thinker")
-    if len(section) != 3 or sum(section) * 2 != thinker["head_dim"]:
-        raise check.error(f"config.thinker.mrope_section {section} must be 3 ints summing to head_dim/2")
+    if len(section) != 3 or any(n < 0 for n in section) or sum(section) * 2 != thinker["head_dim"]:
+        raise check.error(f"config.thinker.mrope_section {_short(section)} must be 3 ints >= 0 summing to head_dim/2")
 
     graphs = check.get(data, "graphs", "an object", "")
     return {name: _graph_spec(check, files, name, entry) for name, entry in graphs.items()}
@@ -378,13 +453,15 @@ def _graph_spec(check: _Checker, files: dict, name: str, entry: object) -> Graph
             specs.append(_tensor_spec(check, item, f"{_join(where, key)}[{i}]"))
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
-            raise check.error(f"{_join(where, key)} has duplicate names: {names}")
+            raise check.error(f"{_join(where, key)} has duplicate names: {_short(names)}")
         io[key] = tuple(specs)
+    opset = check.get(entry, "opset", "an integer", where)
+    check.minimum(entry, "opset", where, 1)
     return GraphSpec(
         name=name,
         file=file,
         external_data=tuple(external),
-        opset=check.get(entry, "opset", "an integer", where),
+        opset=opset,
         dtype=check.get(entry, "dtype", "a string", where),
         quantization=check.get(entry, "quantization", "null, a string or an object", where),
         inputs=io["inputs"],
@@ -403,25 +480,39 @@ def _tensor_spec(check: _Checker, item: object, where: str) -> TensorSpec:
     for i, dim in enumerate(shape):
         fixed = _KINDS["an integer"](dim) and dim >= 0
         if not (fixed or (isinstance(dim, str) and dim)):
-            raise check.error(f"{where}.shape[{i}] must be a non-negative integer or an axis name, not {dim!r}")
+            raise check.error(f"{where}.shape[{i}] must be a non-negative integer or an axis name, not {_short(dim)}")
     return TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
 
 
 def _listed(check: _Checker, files: dict, relpath: str, where: str) -> None:
     """Reject a referenced path that ``files`` does not list."""
     if relpath not in files:
-        raise check.error(f"{where} {relpath!r} is not listed in files")
+        raise check.error(f"{where} {_short(relpath)} is not listed in files")
+
+
+def _resolve_problem(root: Path, path: Path) -> str | None:
+    """Why ``path`` (inside ``root`` by its name) is unsafe once resolved, or None."""
+    try:
+        inside = path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name the OS rejects
+        return f"it cannot be resolved ({getattr(e, 'strerror', None) or e})"
+    return None if inside else "it resolves outside the bundle (a symlink?)"
 
 
 def _check_files(check: _Checker, root: Path, data: dict) -> None:
     """Every listed file stays inside the bundle, exists and has its listed size."""
     for relpath, entry in data["files"].items():
         path = root / relpath
-        if not path.resolve().is_relative_to(root):
-            raise check.error(f"unsafe path {relpath!r} in files: it resolves outside the bundle (a symlink?)")
-        if not path.is_file():
-            raise BundleError("missing file listed in the manifest", path=path, fix=COPY_FIX)
-        size = path.stat().st_size
+        problem = _resolve_problem(root, path)
+        if problem is not None:
+            raise check.error(f"unsafe path {_short(relpath)} in files: {problem}")
+        try:
+            if not path.is_file():
+                raise BundleError("missing file listed in the manifest", path=path, fix=COPY_FIX)
+            size = path.stat().st_size
+        except OSError as e:
+            raise BundleError(f"cannot read this file listed in the manifest ({e.strerror or e})", path=path,
+                              fix=COPY_FIX) from None
         if size != entry["bytes"]:
             raise BundleError(
                 f"wrong size: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced?)",

@@ -76,7 +76,7 @@ def select_providers(device: str = "auto", available: list[str] | None = None) -
     if device == "cuda":
         raise InputError(
             f"CUDA was requested but onnxruntime has no {CUDA} (available: {', '.join(available) or 'none'})",
-            fix="pip uninstall onnxruntime && pip install omni-runtime[gpu], or use --device cpu",
+            fix="pip uninstall onnxruntime && pip install omni-runtime[gpu], or use device=\"cpu\"",
         )
     return [CPU]
 
@@ -137,6 +137,8 @@ class SessionPool:
                 self._verified.add(relpath)
         ort = import_onnxruntime()
         options = self.settings.session_options(ort)
+        for key, value in graph_session_config(spec).items():
+            options.add_session_config_entry(key, value)
         path = self.manifest.path(spec.file)
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
@@ -170,6 +172,20 @@ class SessionPool:
     def loaded_bytes(self) -> int:
         """Total file bytes of the loaded graphs."""
         return sum(self._bytes.values())
+
+
+def graph_session_config(spec: GraphSpec) -> dict[str, str]:
+    """Session config entries a graph's manifest entry asks for.
+
+    A quantized graph records the MatMulNBits ``accuracy_level`` of its recipe (0 = the op's
+    default, 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8 compute): onnxruntime applies it when it
+    fuses the graph's DequantizeLinear + MatMul pairs into MatMulNBits.
+    """
+    quant = spec.quantization if isinstance(spec.quantization, dict) else {}
+    level = quant.get("accuracy_level")
+    if isinstance(level, int) and not isinstance(level, bool) and 0 <= level <= 4:
+        return {"session.qdq_matmulnbits_accuracy_level": str(level)}
+    return {}
 
 
 def _check_io(session, spec: GraphSpec, path) -> None:

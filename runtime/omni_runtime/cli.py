@@ -1,0 +1,297 @@
+"""The ``omni-runtime`` command line: chat with a bundle without omni-export or torch.
+
+    omni-runtime run BUNDLE --prompt TEXT [--system TEXT] [--max-new-tokens N]
+                 [--greedy | --sample] [--temperature T] [--top-k K] [--top-p P]
+                 [--repetition-penalty R] [--seed S] [--device auto|cpu|cuda] [--json]
+
+``omni-export run`` is this same command (it calls :func:`run_main`). Errors are OmniErrors
+printed as one message naming the file or value and the fix, exit code 2, no traceback; the
+API's parameter names in them (``max_new_tokens``) are shown as flags (``--max-new-tokens``).
+
+Only the standard library here (argparse): the runtime depends on numpy, tokenizers, jinja2
+and onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from typing import TextIO
+
+from . import __version__
+from .errors import InputError, OmniError
+from .sessions import DEVICES
+
+# API parameter -> command-line flag, for error messages.
+FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "repetition_penalty": "--repetition-penalty",
+    "do_sample": "--sample",
+    "seed": "--seed",
+    "device": "--device",
+    "system": "--system",
+    "prompt": "--prompt",
+}
+# Names translated wherever they appear as a word; "seed" and "device" only when the error is
+# about that parameter (``exc.param``); "prompt" and "system" never (plain English words).
+_ALWAYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample")
+_BY_PARAM = ("seed", "device")
+_ASSIGNMENT = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")=(\"[^\"]*\"|'[^']*'|[^\s,;)]+)")
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")  # each implies --sample
+
+RUN_DESCRIPTION = "Chat with a bundle: renders the chat template, generates with a KV cache and streams the answer."
+RUN_EPILOG = """\
+decoding:
+  Without --greedy or --sample the bundle's generation defaults decide (its do_sample,
+  temperature, top_k, top_p, repetition_penalty). --greedy decodes greedily; --sample samples
+  with the bundle's defaults. --temperature, --top-k, --top-p and --seed each turn sampling on
+  (they override that default) and conflict with --greedy. --repetition-penalty applies to
+  greedy decoding and sampling alike.
+
+length:
+  Prompt + new tokens never exceed the model's context (config.thinker.max_position_embeddings).
+  An explicit --max-new-tokens that would overflow it is an error naming the largest allowed
+  value; the bundle's default is shortened to fit (finish_reason "context").
+
+output:
+  The answer is streamed to stdout. --json prints one JSON object instead: text, prompt_ids,
+  token_ids and finish_reason ("eos", "length" or "context").
+"""
+
+
+def cli_message(exc: OmniError) -> str:
+    """``str(exc)`` for a command line: API parameter names in an InputError become flags.
+
+    ``max_new_tokens=5`` becomes ``--max-new-tokens 5`` and ``do_sample=False`` ``--greedy``;
+    snake_case parameter names (and ``seed``/``device`` when ``exc.param`` names them) become
+    their flags. Paths are never changed.
+    """
+    if not isinstance(exc, InputError):
+        return str(exc)
+    words = set(_ALWAYS) | ({exc.param} if exc.param in _BY_PARAM else set())
+    bare = re.compile(r"(?<![\w-])(" + "|".join(sorted(words, key=len, reverse=True)) + r")(?![\w])")
+
+    def translate(text: str | None) -> str | None:
+        if text is None:
+            return None
+        text = _ASSIGNMENT.sub(_assignment, text)
+        return bare.sub(lambda m: FLAGS[m.group(1)], text)
+
+    problem, fix = translate(exc.problem), translate(exc.fix)
+    message = problem if exc.path is None else f"{exc.path}: {problem}"
+    if fix is not None:
+        message += f"\n  fix: {fix}"
+    return message
+
+
+def _assignment(match: re.Match) -> str:
+    name, value = match.group(1), match.group(2).strip("\"'")
+    if name == "do_sample":
+        return "--sample" if value == "True" else "--greedy"
+    return f"{FLAGS[name]} {value}"
+
+
+def print_error(message: str, stream: TextIO | None = None) -> None:
+    """``error: MESSAGE`` on stderr (the prefix in red on a terminal, unless NO_COLOR is set)."""
+    stream = sys.stderr if stream is None else stream
+    prefix = "error:"
+    if stream.isatty() and "NO_COLOR" not in os.environ:
+        prefix = "\033[1;31merror:\033[0m"
+    stream.write(f"{prefix} {message}\n")
+    stream.flush()
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of ``run`` (both ``omni-runtime run`` and ``omni-export run``)."""
+
+    bundle: str
+    prompt: str
+    system: str | None = None
+    max_new_tokens: int | None = None
+    greedy: bool = False
+    sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    device: str = "auto"
+    json: bool = False
+
+
+def check_run_options(opts: RunOptions) -> None:
+    """Checks that need no bundle: conflicting decoding flags. InputError in terms of flags."""
+    implied = [FLAGS[name] for name in SAMPLING_FLAGS if getattr(opts, name) is not None]
+    if opts.greedy and opts.sample:
+        raise InputError("--greedy and --sample conflict",
+                         fix="pass --greedy for greedy decoding or --sample to sample, not both")
+    if opts.greedy and implied:
+        raise InputError(f"--greedy conflicts with {', '.join(implied)} (sampling options)",
+                         fix=f"drop --greedy to sample, or drop {', '.join(implied)} to decode greedily")
+    if opts.max_new_tokens is not None and opts.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {opts.max_new_tokens}",
+                         fix="pass --max-new-tokens 1 or more, or leave it out for the bundle's default")
+    if opts.seed is not None and opts.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {opts.seed}", fix="pass a seed >= 0")
+
+
+def sampling_for(opts: RunOptions, defaults):
+    """The SamplingConfig of ``opts`` on top of the bundle's ``defaults`` (see RUN_EPILOG)."""
+    changes = {name: getattr(opts, name) for name in ("temperature", "top_k", "top_p", "repetition_penalty")
+               if getattr(opts, name) is not None}
+    sampling = replace(defaults, **changes)
+    if opts.greedy:
+        return replace(sampling, do_sample=False)
+    if opts.sample or any(getattr(opts, name) is not None for name in SAMPLING_FLAGS):
+        return replace(sampling, do_sample=True)
+    return sampling
+
+
+def run_chat(opts: RunOptions, stdout: TextIO | None = None):
+    """Run ``opts``: stream the answer (or print the JSON object) to ``stdout``; return the ChatResult.
+
+    Raises OmniError (InputError, BundleError) for bad input, before any graph runs.
+    """
+    from .runner import OmniRunner
+
+    stdout = sys.stdout if stdout is None else stdout
+    check_run_options(opts)
+    runner = OmniRunner(opts.bundle, device=opts.device)
+    sampling = sampling_for(opts, runner.default_sampling())
+
+    def stream(piece: str) -> None:
+        stdout.write(piece)
+        stdout.flush()
+
+    result = runner.chat(opts.prompt, system=opts.system, max_new_tokens=opts.max_new_tokens, sampling=sampling,
+                         seed=opts.seed, on_text=None if opts.json else stream)
+    if opts.json:
+        body = result.to_json()
+        body.pop("prompt", None)
+        stdout.write(json.dumps(body, ensure_ascii=False) + "\n")
+    else:
+        stdout.write("\n")
+    stdout.flush()
+    return result
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises on bad usage, so the message goes out in the usual error format."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise _UsageError(message)
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``run`` (kept in one place for both command lines)."""
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory (with manifest.json)")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="user prompt text")
+    parser.add_argument("--system", metavar="TEXT", help="system prompt (default: the Qwen2.5-Omni one)")
+    parser.add_argument("--max-new-tokens", type=_integer, metavar="N",
+                        help="generation limit (default: the bundle's, shortened to fit the context)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding")
+    mode.add_argument("--sample", action="store_true", help="sample, with the bundle's generation defaults")
+    parser.add_argument("--temperature", type=_finite, metavar="T", help="sampling temperature (implies --sample)")
+    parser.add_argument("--top-k", type=_integer, metavar="K", help="top-k filter, 0 = off (implies --sample)")
+    parser.add_argument("--top-p", type=_finite, metavar="P", help="top-p (nucleus) filter (implies --sample)")
+    parser.add_argument("--repetition-penalty", type=_finite, metavar="R",
+                        help="repetition penalty, 1 = off (greedy or sampled)")
+    parser.add_argument("--seed", type=_integer, metavar="S", help="sampling seed (implies --sample)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto (CUDA when available), cpu or cuda (default: auto)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (text, prompt_ids, token_ids, finish_reason)")
+
+
+def run_parser(prog: str = "omni-runtime run") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=RUN_DESCRIPTION, epilog=RUN_EPILOG, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    return parser
+
+
+def run_main(argv: list[str], prog: str = "omni-runtime run") -> int:
+    """``run`` with command-line arguments ``argv``; returns the exit code (0, 2 on bad input)."""
+    try:
+        args = run_parser(prog).parse_args(argv)
+    except _UsageError as exc:
+        print_error(f"{exc}\n  fix: see `{prog} --help`")
+        return 2
+    opts = RunOptions(**{key: value for key, value in vars(args).items()})
+    return _guarded(lambda: run_chat(opts))
+
+
+def _guarded(action) -> int:
+    """Run ``action``: OmniError -> message and exit code 2; Ctrl-C -> 130; closed stdout -> quiet."""
+    try:
+        action()
+    except OmniError as exc:
+        print_error(cli_message(exc))
+        return 2
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``omni-runtime [-h] [--version] run ...``; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _Parser(prog="omni-runtime", allow_abbrev=False,
+                     description="Run Qwen2.5-Omni ONNX bundles built by omni-export (no torch needed).",
+                     epilog="Run `omni-runtime run --help` for the options of run.")
+    parser.add_argument("--version", action="version", version=f"omni-runtime {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("run", help=RUN_DESCRIPTION, add_help=False)
+    if argv and argv[0] == "run":
+        return run_main(argv[1:])
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print_error(f"{exc}\n  fix: see `omni-runtime --help`")
+        return 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return 0  # pragma: no cover - "run" is dispatched above
+
+
+if __name__ == "__main__":
+    sys.exit(main())
