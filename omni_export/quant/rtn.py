@@ -1,0 +1,94 @@
+"""Round-to-nearest block quantization (numpy), AutoAWQ's formulas.
+
+Asymmetric (zero point), per row and per block of ``group_size`` input features, as AutoAWQ's
+``AwqQuantizer.pseudo_quantize_tensor`` with ``zero_point=True``::
+
+    scale = max(max - min, 1e-5) / (2**bits - 1)
+    zero  = clamp(round(-min / scale), 0, 2**bits - 1)
+    q     = clamp(round(w / scale) + zero, 0, 2**bits - 1)
+
+Symmetric (absmax), as ``zero_point=False``, stored with the implicit zero point
+``2**(bits-1)`` of ONNX Runtime's MatMulNBits::
+
+    scale = max(absmax, 1e-5) / (2**(bits-1) - 1)
+    q     = clamp(round(w / scale), -2**(bits-1), 2**(bits-1) - 1) + 2**(bits-1)
+
+All arithmetic is float32 with round-half-to-even, like torch, so the levels equal AutoAWQ's
+bit for bit. ``clip`` ([N, G] max-abs values from AWQ's clipping search) clamps each block to
+``[-clip, clip]`` before the min/max are taken, as AutoAWQ's ``apply_clip``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from omni_export.quant.types import SUPPORTED_BITS, QuantWeight, n_blocks
+
+__all__ = ["check_group_size", "quantize"]
+
+
+def check_group_size(group_size: int) -> int:
+    """``group_size`` as int; ValueError unless it is a positive multiple of 16."""
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+        raise ValueError(f"group_size must be an integer, got {group_size!r}")
+    if group_size <= 0 or group_size % 16:
+        raise ValueError(f"group_size must be a positive multiple of 16 (16, 32, 64, 128, ...), got {group_size}")
+    return int(group_size)
+
+
+def _blocks(w: np.ndarray, group_size: int) -> np.ndarray:
+    """[N, K] -> [N, G, group_size]; a partial last block is padded with its own last value
+    (so the padding changes neither min, max nor absmax of that block)."""
+    n, k = w.shape
+    pad = n_blocks(k, group_size) * group_size - k
+    if pad:
+        w = np.pad(w, ((0, 0), (0, pad)), mode="edge")
+    return w.reshape(n, -1, group_size)
+
+
+def quantize(
+    weight: np.ndarray,
+    group_size: int,
+    bits: int = 4,
+    symmetric: bool = False,
+    clip: np.ndarray | None = None,
+) -> QuantWeight:
+    """Quantize a float weight [N, K] (rows = output features) block-wise along K."""
+    group_size = check_group_size(group_size)
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    w = np.asarray(weight)
+    if w.ndim != 2 or 0 in w.shape:
+        raise ValueError(f"weight must be a non-empty 2-D array [N, K], got shape {w.shape}")
+    w = w.astype(np.float32, copy=False)
+    if not np.isfinite(w).all():
+        raise ValueError("weight contains NaN or infinity")
+    n, k = w.shape
+    g = n_blocks(k, group_size)
+    wb = _blocks(w, group_size)
+    if clip is not None:
+        clip = np.asarray(clip, dtype=np.float32)
+        if clip.shape != (n, g):
+            raise ValueError(f"clip must have shape [{n}, {g}] (rows x blocks), got {clip.shape}")
+        if not np.isfinite(clip).all() or (clip < 0).any():
+            raise ValueError("clip values must be finite and non-negative")
+        c = clip[..., None]
+        wb = np.clip(wb, -c, c)
+
+    if symmetric:
+        max_int = (1 << (bits - 1)) - 1
+        min_int = -(1 << (bits - 1))
+        absmax = np.maximum(np.abs(wb).max(axis=-1), np.float32(1e-5))
+        scales = (absmax / np.float32(max_int)).astype(np.float32)
+        q = np.clip(np.round(wb / scales[..., None]), min_int, max_int) - min_int
+        zeros = np.full((n, g), -min_int, dtype=np.uint8)
+    else:
+        max_int = (1 << bits) - 1
+        mx = wb.max(axis=-1)
+        mn = wb.min(axis=-1)
+        scales = (np.maximum(mx - mn, np.float32(1e-5)) / np.float32(max_int)).astype(np.float32)
+        zf = np.clip(-np.round(mn / scales), 0, max_int)
+        q = np.clip(np.round(wb / scales[..., None]) + zf[..., None], 0, max_int)
+        zeros = zf.astype(np.uint8)
+    q = q.reshape(n, g * group_size)[:, :k].astype(np.uint8)
+    return QuantWeight(q=q, scales=scales, zeros=zeros, group_size=group_size, bits=bits)
