@@ -3,6 +3,7 @@
 import pytest
 
 from omni_export import build as build_module
+from omni_export.export import thinker_decoder
 from omni_export.build import build_bundle
 from omni_export.bundle import BundleWriteError
 from omni_runtime.manifest import load_manifest
@@ -12,7 +13,7 @@ def test_failed_build_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash during the decoder export")
 
-    monkeypatch.setattr(build_module.thinker_decoder, "export", boom)
+    monkeypatch.setattr(thinker_decoder, "build_graph", boom)
     out = tmp_path / "bundle"
     with pytest.raises(RuntimeError, match="simulated"):
         build_bundle(tiny_checkpoint, "fp32", out)
