@@ -26,12 +26,14 @@ awq/quantize/scale.py), run on CPU in float32 on one ``Qwen2_5OmniDecoderLayer``
    the inspected output with ``W <- Q(W * s) / s``. Additionally ``s = 1`` (plain RTN) is a
    candidate (``AwqConfig.identity_candidate``), so the chosen scales never do worse than RTN
    on the calibration data (AutoAWQ's duo-scaling grid does not contain it).
-3. Fold the scales into the float layer, in place (exact math): the previous op's weight (and
-   bias) is divided by ``s`` (RMSNorm weight, or the previous linear's output rows), the scaled
-   linears' input columns are multiplied by ``s``.
+3. Fold the scales into the float layer, in place (exact math), after all four searches ran on
+   the unscaled layer (as AutoAWQ): the previous op's weight (and bias) is divided by ``s``
+   (RMSNorm weight, or the previous linear's output rows), the scaled linears' input columns
+   are multiplied by ``s``.
 4. Search per-block clipping values for every linear except q_proj / k_proj
    (``_search_best_clip``: ``max_shrink`` 0.5, ``clip_grid`` steps), minimising
-   ``mean_tokens ((Q(clamp(w)) - w) . x)^2`` per output row and block.
+   ``mean_tokens ((Q(clamp(w)) - w) . x)^2`` per output row and block. The clips are returned,
+   not applied: ``rtn.quantize(w, clip=...)`` clamps exactly as AutoAWQ's ``apply_clip``.
 
 Grouped-query attention: Qwen2.5-Omni-7B has 28 query heads and 4 KV heads, so v_proj has 512
 outputs and o_proj 3584 inputs and AutoAWQ skips the v_proj -> o_proj group. Here it is done:
@@ -40,8 +42,10 @@ v_proj output channel ``(h, d)`` feeds o_proj input ``(j, d)`` of every query he
 statistics averaged over those query heads) and o_proj's input column ``(j, d)`` is multiplied
 by the scale of ``(j // group, d)``. With as many KV heads as query heads this is AutoAWQ's step.
 
-The clipping loss is computed exactly as AutoAWQ's, but through the per-block input
-covariance ``C_g = X_g^T X_g / T``: ``err = d C_g d^T`` with ``d = Q(clamp(w)) - w``, which costs
+Speed (CPU): a candidate ``Q(W * s) / s`` is evaluated as ``Q(W * s)`` applied to ``x / s``;
+fake quantization runs in place on row chunks that stay in cache (bit-identical to
+:func:`omni_export.quant.rtn.quantize`); the clipping loss is AutoAWQ's, computed through the
+per-block input covariance ``C_g = X_g^T X_g / T``: ``err = d C_g d^T`` with ``d = Q(clamp(w)) - w``, which costs
 ``N * K * group_size`` per step instead of ``tokens * N * K``.
 """
 
@@ -59,7 +63,7 @@ import torch.nn.functional as F
 from omni_export.quant.rtn import check_group_size
 from omni_export.quant.types import SUPPORTED_BITS
 
-__all__ = ["LINEAR_NAMES", "AwqConfig", "awq_layer", "fake_quantize", "layer_kwargs_for"]
+__all__ = ["LINEAR_NAMES", "AwqConfig", "AwqStats", "awq_layer", "fake_quantize", "layer_kwargs_for"]
 
 #: The linears of a decoder layer, by module path inside the layer.
 LINEAR_NAMES = (
@@ -79,12 +83,26 @@ NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 class AwqConfig:
     """AWQ settings.
 
-    Defaults are sized for CPU: on one Qwen2.5-Omni-7B-width layer (hidden 3584, MLP 18944,
-    28 / 4 heads, random N(0, 0.02) weights) with 512 calibration tokens on 2 CPU cores
-    (AMD EPYC, AVX2, ~190 GFLOP/s fp32 matmul) the scale search took 23.4 s with grid 10 and
-    the clip search 11.2 s with clip_grid 20 / clip_tokens 512 (35 s for the layer; grid 20
-    took 46 s for the scales alone). AutoAWQ's own defaults are grid 20, clip grid 20,
-    512 clip tokens.
+    The defaults are sized for CPU. Measured on one Qwen2.5-Omni-7B-width layer (hidden 3584,
+    MLP 18944, 28 / 4 heads, random N(0, 0.02) weights, 4 x 128 calibration tokens) on this
+    project's 2-core machine (AMD EPYC, AVX2, ~190 GFLOP/s fp32 matmul when idle), always while
+    other engineers' jobs were running, so these are upper bounds:
+
+    =============================  ==========================  =========================
+    setting                        scale search                clip search (grid 20)
+    =============================  ==========================  =========================
+    grid 10 (default), load ~4     38 s wall / 54 CPU-s        11 s wall / 15 CPU-s
+    grid 10 (default), load ~3     81 s wall / 92 CPU-s        27 s wall / 31 CPU-s
+    grid 10 (default), load 3 -> 6 77 s wall / 77 CPU-s        111 s wall / 62 CPU-s
+    grid 20 (AutoAWQ), load ~5     179 s wall / 133 CPU-s      57 s wall / 39 CPU-s
+    =============================  ==========================  =========================
+
+    The scale search is matmul-bound: each candidate runs the inspected modules (~320 GFLOP at
+    512 tokens; 11 candidates with grid 10 and the s = 1 candidate, ~3.5 TFLOP, ~19 s at
+    190 GFLOP/s), so its time grows with grid x tokens; the clip search costs
+    N * K * group_size per step (~56 GFLOP) plus elementwise passes, independent of the token
+    count. Expect ~35-50 s per 7B layer on an otherwise idle 2-core machine with the defaults.
+    AutoAWQ's own defaults are grid 20, clip grid 20, 512 clip tokens.
     """
 
     group_size: int = 128
