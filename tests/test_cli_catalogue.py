@@ -131,6 +131,24 @@ def _no_weights(ctx: Ctx) -> Path:
     return model
 
 
+def _tiny_image(ctx: Ctx) -> Path:
+    import media
+
+    return media.write_image(ctx.tmp / "dot.png", 1, 1)
+
+
+def _frameless_video(ctx: Ctx) -> Path:
+    import media
+
+    return media.write_empty_video(ctx.tmp / "empty.mp4")
+
+
+def _silent_video(ctx: Ctx) -> Path:
+    import media
+
+    return media.write_video(ctx.tmp / "silent.mp4", seconds=1.0, fps=10)
+
+
 BAD_YAML = "schema_version: 2\nname: [oops\n"
 UNKNOWN_KEY = "schema_version: 2\nname: mine\nmodules:\n  thinker:\n    weights: float32\n    turbo: true\n"
 
@@ -222,7 +240,27 @@ CASES = [
     Case("run-negative-seed", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--seed", "-3"],
                                          ["--seed", "-3"])),
     Case("run-empty-prompt", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "   "], ["prompt is empty"])),
-    Case("run-missing-prompt", lambda c: ("omni-export", ["run", c.bundle], ["--prompt"])),
+    Case("run-missing-prompt", lambda c: ("omni-export", ["run", c.bundle], ["--prompt", "--audio"])),
+    # media (--audio, --image, --video): checked before any graph runs
+    Case("run-audio-missing", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--audio",
+                                                         c.tmp / "no[/x]such.wav"],
+                                         ["no[/x]such.wav", "audio file does not exist"])),
+    Case("run-image-unsupported-type", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--image",
+                                                                  _file(c, "notes.txt", "not a picture\n")],
+                                                  ["notes.txt", "not an image file", "PNG"])),
+    Case("run-audio-unsupported-type", lambda c: ("omni-export", ["run", c.bundle, "--audio",
+                                                                  _file(c, "notes.txt", "not a sound\n")],
+                                                  ["notes.txt", "cannot decode the audio"])),
+    Case("run-image-1x1", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--image", _tiny_image(c)],
+                                     ["dot.png", "1x1 px", "at least 28 px"])),
+    Case("run-video-no-frames", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--video",
+                                                           _frameless_video(c)], ["empty.mp4", "no frames"])),
+    Case("run-audio-in-silent-video", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--video",
+                                                                 _silent_video(c), "--use-audio-in-video"],
+                                                 ["silent.mp4", "no audio track", "leave out --use-audio-in-video"])),
+    Case("run-audio-in-video-without-video", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi",
+                                                                        "--use-audio-in-video"],
+                                                        ["--use-audio-in-video needs a --video"])),
     Case("run-unknown-device", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--device", "tpu"],
                                           ["'tpu'", "cuda"])),
     Case("run-cuda-unavailable", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--device", "cuda"],
@@ -254,6 +292,8 @@ CASES = [
     Case("runtime-bad-top-k", lambda c: ("omni-runtime", ["run", c.bundle, "--prompt", "hi", "--top-k", "-5"],
                                          ["--top-k", "-5"])),
     Case("runtime-missing-prompt", lambda c: ("omni-runtime", ["run", c.bundle], ["--prompt"])),
+    Case("runtime-video-fps-zero", lambda c: ("omni-runtime", ["run", c.bundle, "--video", _silent_video(c),
+                                                               "--video-fps", "0"], ["--video-fps", "> 0"])),
     Case("runtime-unknown-command", lambda c: ("omni-runtime", ["chat", c.bundle], ["'chat'"])),
 ]
 

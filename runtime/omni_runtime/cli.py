@@ -1,6 +1,7 @@
 """The ``omni-runtime`` command line: chat with a bundle without omni-export or torch.
 
-    omni-runtime run BUNDLE --prompt TEXT [--system TEXT] [--max-new-tokens N]
+    omni-runtime run BUNDLE --prompt TEXT [--audio F]... [--image F]... [--video F]...
+                 [--use-audio-in-video] [--video-fps FPS] [--system TEXT] [--max-new-tokens N]
                  [--greedy | --sample] [--temperature T] [--top-k K] [--top-p P]
                  [--repetition-penalty R] [--seed S] [--device auto|cpu|cuda] [--json]
 
@@ -39,17 +40,30 @@ FLAGS = {
     "device": "--device",
     "system": "--system",
     "prompt": "--prompt",
+    "use_audio_in_video": "--use-audio-in-video",
+    "video_fps": "--video-fps",
 }
 # Names translated wherever they appear as a word; "seed" and "device" only when the error is
 # about that parameter (``exc.param``); "prompt" and "system" never (plain English words).
-_ALWAYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample")
+_ALWAYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample",
+           "use_audio_in_video", "video_fps")
 _BY_PARAM = ("seed", "device")
 _ASSIGNMENT = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")=(\"[^\"]*\"|'[^']*'|[^\s,;)]+)")
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")  # each implies --sample
 
-RUN_DESCRIPTION = "Chat with a bundle: renders the chat template, generates with a KV cache and streams the answer."
+RUN_DESCRIPTION = ("Chat with a bundle: renders the chat template (with audio, images and video), generates "
+                   "with a KV cache and streams the answer.")
 RUN_EPILOG = """\
+media:
+  --audio, --image and --video (each repeatable) put files in the user message before the
+  prompt text: audios, then images, then videos, each in the order given. Audio: wav, flac,
+  mp3, ogg, ... or the audio track of a video file; images: PNG, JPEG, WebP, ...; videos: MP4,
+  MKV, WebM, MOV, AVI, ... sampled at --video-fps frames per second (default 2.0).
+  --use-audio-in-video also feeds each video's audio track, interleaved with its frames in
+  2-second chunks (every video needs an audio track then). --prompt may be left out when a
+  media file is given.
+
 decoding:
   Without --greedy or --sample the bundle's generation defaults decide (its do_sample,
   temperature, top_k, top_p, repetition_penalty). --greedy decodes greedily; --sample samples
@@ -64,7 +78,9 @@ length:
 
 output:
   The answer is streamed to stdout. --json prints one JSON object instead: text, prompt_ids,
-  token_ids and finish_reason ("eos", "length" or "context").
+  token_ids and finish_reason ("eos", "length" or "context"); with media also "media", the
+  token counts: {"audio_tokens": [...], "image_tokens": [...], "video_tokens": [...]} (and
+  "video_audio_tokens" with --use-audio-in-video).
 """
 
 
@@ -97,6 +113,8 @@ def _assignment(match: re.Match) -> str:
     name, value = match.group(1), match.group(2).strip("\"'")
     if name == "do_sample":
         return "--sample" if value == "True" else "--greedy"
+    if name == "use_audio_in_video":
+        return "--use-audio-in-video" if value == "True" else "no --use-audio-in-video"
     return f"{FLAGS[name]} {value}"
 
 
@@ -115,7 +133,7 @@ class RunOptions:
     """The options of ``run`` (both ``omni-runtime run`` and ``omni-export run``)."""
 
     bundle: str
-    prompt: str
+    prompt: str | None
     system: str | None = None
     max_new_tokens: int | None = None
     greedy: bool = False
@@ -127,6 +145,21 @@ class RunOptions:
     seed: int | None = None
     device: str = "auto"
     json: bool = False
+    audio: list[str] | None = None  # files, in order (each repeatable flag)
+    image: list[str] | None = None
+    video: list[str] | None = None
+    use_audio_in_video: bool = False
+    video_fps: float | None = None  # None: the bundle's (2.0)
+
+    @property
+    def has_media(self) -> bool:
+        return bool(self.audio or self.image or self.video)
+
+    def content(self) -> list[dict]:
+        """The media parts of the user message (audio, then images, then videos)."""
+        return ([{"type": "audio", "audio": f} for f in self.audio or ()]
+                + [{"type": "image", "image": f} for f in self.image or ()]
+                + [{"type": "video", "video": f} for f in self.video or ()])
 
 
 def check_run_options(opts: RunOptions) -> None:
@@ -143,6 +176,17 @@ def check_run_options(opts: RunOptions) -> None:
                          fix="pass --max-new-tokens 1 or more, or leave it out for the bundle's default")
     if opts.seed is not None and opts.seed < 0:
         raise InputError(f"--seed must be >= 0, got {opts.seed}", fix="pass a seed >= 0")
+    if opts.prompt is None and not opts.has_media:
+        raise InputError("nothing to answer: no --prompt and no --audio, --image or --video",
+                         fix="pass --prompt TEXT (and/or media files with --audio, --image, --video)")
+    if opts.use_audio_in_video and not opts.video:
+        raise InputError("--use-audio-in-video needs a --video", fix="add --video FILE, or drop --use-audio-in-video")
+    if opts.video_fps is not None:
+        if not opts.video:
+            raise InputError("--video-fps needs a --video", fix="add --video FILE, or drop --video-fps")
+        if opts.video_fps <= 0:
+            raise InputError(f"--video-fps must be > 0, got {opts.video_fps}",
+                             fix="pass the frames to sample per second, e.g. --video-fps 2")
 
 
 def sampling_for(opts: RunOptions, defaults):
@@ -173,8 +217,16 @@ def run_chat(opts: RunOptions, stdout: TextIO | None = None):
         stdout.write(piece)
         stdout.flush()
 
-    result = runner.chat(opts.prompt, system=opts.system, max_new_tokens=opts.max_new_tokens, sampling=sampling,
-                         seed=opts.seed, on_text=None if opts.json else stream)
+    common = dict(system=opts.system, max_new_tokens=opts.max_new_tokens, sampling=sampling, seed=opts.seed,
+                  on_text=None if opts.json else stream)
+    if opts.has_media:
+        content = opts.content()
+        if opts.prompt is not None:
+            content.append({"type": "text", "text": opts.prompt})
+        result = runner.chat(messages=[{"role": "user", "content": content}],
+                             use_audio_in_video=opts.use_audio_in_video, video_fps=opts.video_fps, **common)
+    else:
+        result = runner.chat(opts.prompt, **common)
     if opts.json:
         body = result.to_json()
         body.pop("prompt", None)
@@ -216,7 +268,15 @@ def _integer(text: str) -> int:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``run`` (kept in one place for both command lines)."""
     parser.add_argument("bundle", metavar="BUNDLE", help="bundle directory (with manifest.json)")
-    parser.add_argument("--prompt", required=True, metavar="TEXT", help="user prompt text")
+    parser.add_argument("--prompt", metavar="TEXT", help="user prompt text (optional with media files)")
+    parser.add_argument("--audio", action="append", metavar="F",
+                        help="audio file (or a video's audio track) in the user message; repeatable")
+    parser.add_argument("--image", action="append", metavar="F", help="image file in the user message; repeatable")
+    parser.add_argument("--video", action="append", metavar="F", help="video file in the user message; repeatable")
+    parser.add_argument("--use-audio-in-video", action="store_true",
+                        help="also feed each video's audio track, interleaved with its frames")
+    parser.add_argument("--video-fps", type=_finite, metavar="FPS",
+                        help="video frames sampled per second (default: 2.0)")
     parser.add_argument("--system", metavar="TEXT", help="system prompt (default: the Qwen2.5-Omni one)")
     parser.add_argument("--max-new-tokens", type=_integer, metavar="N",
                         help="generation limit (default: the bundle's, shortened to fit the context)")
@@ -232,7 +292,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto (CUDA when available), cpu or cuda (default: auto)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (text, prompt_ids, token_ids, finish_reason)")
+                        help="print one JSON object (text, prompt_ids, token_ids, finish_reason; media token "
+                             "counts with media)")
 
 
 def run_parser(prog: str = "omni-runtime run") -> argparse.ArgumentParser:

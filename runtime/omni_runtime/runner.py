@@ -5,19 +5,34 @@
     result = runner.chat("Hello", max_new_tokens=32, on_text=print)
     result.text, result.prompt_ids, result.token_ids, result.finish_reason
 
+    # Qwen-style messages with audio, images and video (paths, bytes or numpy arrays)
+    result = runner.chat(messages=[{"role": "user", "content": [
+        {"type": "audio", "audio": "question.wav"}, {"type": "image", "image": "photo.png"},
+        {"type": "video", "video": "clip.mp4"}, {"type": "text", "text": "What do you hear and see?"}]}],
+        use_audio_in_video=True)
+    result.media  # {"audio_tokens": [...], "image_tokens": [...], "video_tokens": [...], ...}
+
 Generation is bounded by the model's context (``config.thinker.max_position_embeddings``):
 prompt + new tokens never exceed it. A prompt that does not fit, or an explicit
 ``max_new_tokens`` that would overflow, is an InputError before any graph runs; the bundle's
 default ``max_new_tokens`` is clamped to what fits instead (``finish_reason`` is then
-``"context"`` when generation reaches that clamp).
+``"context"`` when generation reaches that clamp). For multimodal prompts the budget counts the
+expanded prompt (one position per audio, image and video token).
+
+Media are decoded and their token counts known before any graph runs; the audio and vision
+encoder sessions are created only when a request has that modality and released before the
+thinker decodes (``omni_runtime.media_prompt``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
+
+import numpy as np
 
 from .chat import ChatTemplate, build_messages
 from .errors import BundleError, InputError
@@ -40,9 +55,41 @@ class ChatResult:
     token_ids: list[int]
     finish_reason: str
     prompt: str = field(repr=False, default="")
+    # Media token counts of a multimodal prompt: {"audio_tokens": [...], "image_tokens": [...],
+    # "video_tokens": [...]} (+ "video_audio_tokens" with use_audio_in_video); None for text.
+    media: dict | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        body = asdict(self)
+        if body["media"] is None:
+            del body["media"]
+        return body
+
+
+@dataclass
+class PromptInputs:
+    """What the thinker is fed for one prompt (``OmniRunner.prompt_inputs``).
+
+    ``ids`` are the prompt ids with every media placeholder expanded to its token count (what
+    ``Qwen2_5OmniProcessor`` returns as ``input_ids``). For a prompt with media, ``embeds`` are
+    the token embeddings with the encoder rows merged in at the placeholders ``[seq, hidden]``,
+    ``positions`` the TMRoPE position ids ``[3, seq]`` and ``rope_delta`` the offset of decode
+    positions; for text all three are left to the thinker (None, None, 0).
+    """
+
+    text: str
+    ids: list[int]
+    media: dict | None = None
+    embeds: np.ndarray | None = field(default=None, repr=False)
+    positions: np.ndarray | None = field(default=None, repr=False)
+    rope_delta: int = 0
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments of ``ThinkerGenerator.generate`` for this (one-row) prompt."""
+        if self.embeds is None:
+            return {}
+        return {"prompt_embeds": [self.embeds], "prompt_positions": [self.positions],
+                "rope_deltas": [self.rope_delta]}
 
 
 class TextStreamer:
@@ -104,6 +151,10 @@ class OmniRunner:
         messages = build_messages(prompt, system=self.default_system_prompt if system is None else system)
         return self.template.render(messages, add_generation_prompt=True)
 
+    def render_messages(self, messages: list[dict]) -> str:
+        """The chat-formatted text of checked messages (``media_prompt.normalize_messages``)."""
+        return self.template.render(messages, add_generation_prompt=True)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -119,9 +170,9 @@ class OmniRunner:
         room = context - prompt_tokens
         if room < 1:
             raise InputError(
-                f"the prompt is {prompt_tokens} tokens (chat template and system prompt included) but the "
-                f"model's context holds {context} positions: no room is left for an answer",
-                fix=f"shorten the prompt (or the system prompt) to fit in {context - 1} tokens",
+                f"the prompt is {prompt_tokens} tokens (chat template, system prompt and media tokens included) "
+                f"but the model's context holds {context} positions: no room is left for an answer",
+                fix=f"shorten the prompt (or the system prompt, or the audio/video) to fit in {context - 1} tokens",
                 param="prompt",
             )
         if max_new_tokens is not None:
@@ -141,18 +192,34 @@ class OmniRunner:
 
     def chat(
         self,
-        prompt: str,
+        prompt: str | None = None,
         system: str | None = None,
         max_new_tokens: int | None = None,
         sampling: SamplingConfig | None = None,
         seed: int | None = None,
         on_text: Callable[[str], None] | None = None,
+        *,
+        messages: list[dict] | None = None,
+        use_audio_in_video: bool = False,
+        video_fps: float | None = None,
     ) -> ChatResult:
-        """Answer one user prompt; ``on_text`` receives the text as it is generated.
+        """Answer one user ``prompt``, or Qwen-style ``messages``; ``on_text`` receives the text as
+        it is generated.
+
+        ``messages`` is a list of ``{"role": "system"|"user"|"assistant", "content": str | [parts]}``
+        with parts ``{"type": "text", "text": ...}``, ``{"type": "audio", "audio": path | bytes |
+        float array at 16 kHz}``, ``{"type": "image", "image": path | bytes | uint8 array | PIL
+        image}``, ``{"type": "video", "video": path | bytes | uint8 frames [T, H, W, 3]}``
+        (optional keys: ``audio_start``/``audio_end`` seconds; ``min_pixels``/``max_pixels`` for
+        images; ``fps``, ``min_frames``, ``max_frames``, ``min_pixels``, ``max_pixels``,
+        ``total_pixels`` for videos). Without a system message, ``system`` (default: the bundle's
+        system prompt) is added first. ``use_audio_in_video`` also feeds each video's audio track,
+        interleaved with its frames in 2-second chunks; ``video_fps`` is the frame sampling rate
+        (default: the bundle's, 2 frames per second).
 
         ``max_new_tokens`` None uses the bundle's default (clamped to the context); ``sampling``
         None the bundle's generation defaults; ``seed`` seeds sampling (unused when greedy).
-        Every argument is checked before any graph runs (InputError).
+        Every argument and every media input is checked before any graph runs (InputError).
         """
         if max_new_tokens is not None:
             _check_max_new_tokens(max_new_tokens)
@@ -164,9 +231,10 @@ class OmniRunner:
         if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
             raise InputError(f"seed must be an integer >= 0, got {seed!r}", fix="pass a seed >= 0 (or None)",
                              param="seed")
-        text = self.render(prompt, system)
-        prompt_ids = self.encode(text)
-        limit, limit_reason = self.token_budget(len(prompt_ids), max_new_tokens)
+        inputs, prepared = self._tokenize(prompt, system, messages, use_audio_in_video, video_fps)
+        limit, limit_reason = self.token_budget(len(inputs.ids), max_new_tokens)
+        if prepared is not None:
+            self._encode_media(inputs, prepared)
         streamer = TextStreamer(self.tokenizer, set(int(i) for i in self.thinker.eos_ids))
 
         def on_step(new):
@@ -174,10 +242,79 @@ class OmniRunner:
             if piece and on_text is not None:
                 on_text(piece)
 
-        out = self.thinker.generate([prompt_ids], limit, sampling, seed, on_step, limit_reason=limit_reason)
+        out = self.thinker.generate([inputs.ids], limit, sampling, seed, on_step, limit_reason=limit_reason,
+                                    **inputs.generate_kwargs())
         ids = out.token_ids[0]
         answer = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return ChatResult(answer, prompt_ids, ids, out.finish_reasons[0], prompt=text)
+        return ChatResult(answer, inputs.ids, ids, out.finish_reasons[0], prompt=inputs.text, media=inputs.media)
+
+    def prompt_inputs(self, prompt: str | None = None, system: str | None = None, *, messages: list[dict] | None = None,
+                      use_audio_in_video: bool = False, video_fps: float | None = None) -> PromptInputs:
+        """What ``chat`` feeds the thinker for this prompt (same arguments): the expanded prompt ids
+        and, for media, the merged embeddings and TMRoPE positions (the encoders run here)."""
+        inputs, prepared = self._tokenize(prompt, system, messages, use_audio_in_video, video_fps)
+        if prepared is not None:
+            self._encode_media(inputs, prepared)
+        return inputs
+
+    def _tokenize(self, prompt, system, messages, use_audio_in_video, video_fps):
+        """(PromptInputs without embeddings, PreparedMedia or None): text rendered, media decoded,
+        placeholders expanded; no graph has run."""
+        if not isinstance(use_audio_in_video, bool):
+            raise InputError(f"use_audio_in_video must be True or False, got {use_audio_in_video!r}",
+                             fix="pass use_audio_in_video=True to use the videos' audio tracks",
+                             param="use_audio_in_video")
+        if video_fps is not None and (not isinstance(video_fps, Real) or isinstance(video_fps, bool)
+                                      or not math.isfinite(video_fps) or video_fps <= 0):
+            raise InputError(f"video_fps must be a number > 0, got {video_fps!r}",
+                             fix="pass the video frames to sample per second (e.g. 2.0), or None", param="video_fps")
+        if messages is None:
+            if prompt is None:
+                raise InputError("nothing to answer: neither a prompt nor messages were given",
+                                 fix="pass a prompt text or messages", param="prompt")
+            text = self.render(prompt, system)
+            return PromptInputs(text, self.encode(text)), None
+        if prompt is not None:
+            raise InputError("prompt and messages were both given",
+                             fix="pass the prompt as a text part of the last user message", param="prompt")
+        from .audio_encoder import AudioEncoder
+        from .media_prompt import media_items, normalize_messages, prepare_media
+        from .multimodal import MediaTokens, expand_placeholders
+        from .vision_encoder import vision_config
+
+        checked = normalize_messages(messages, system, self.default_system_prompt)
+        items = media_items(checked)
+        text = self.render_messages(checked)
+        ids = self.encode(text)
+        if not items:
+            return PromptInputs(text, ids), None
+        kinds = {item.kind for item in items}
+        needs_audio = "audio" in kinds or (use_audio_in_video and "video" in kinds)
+        audio_config = AudioEncoder(self.manifest, self.pool).config if needs_audio else None
+        visual = vision_config(self.manifest) if kinds & {"image", "video"} else None
+        prepared = prepare_media(items, audio_config, visual, use_audio_in_video, video_fps)
+        thinker = self.manifest.config["thinker"]
+        ids = expand_placeholders(ids, prepared.placeholders(), MediaTokens.from_manifest(self.manifest.special_tokens),
+                                  merge_size=prepared.merge_size,
+                                  position_id_per_seconds=thinker.get("position_id_per_seconds", 25),
+                                  seconds_per_chunk=thinker.get("seconds_per_chunk", 2))
+        return PromptInputs(text, ids, media=prepared.summary()), prepared
+
+    def _encode_media(self, inputs: PromptInputs, prepared) -> None:
+        """Run the encoders (each released right after), embed the ids, merge, compute positions."""
+        from .media_prompt import encode_media, rope_config, rope_inputs
+        from .multimodal import MediaTokens, merge_embeddings
+        from .rope import rope_index
+        from .thinker import EMBEDDING
+
+        features = encode_media(prepared, self.manifest, self.pool)
+        ids = np.asarray([inputs.ids], dtype=np.int64)
+        embeds = self.pool.get(EMBEDDING).run(None, {"input_ids": ids})[0][0]
+        inputs.embeds = merge_embeddings(ids[0], embeds, MediaTokens.from_manifest(self.manifest.special_tokens),
+                                         **features)
+        positions, deltas = rope_index(ids, rope_config(self.manifest), **rope_inputs(prepared))
+        inputs.positions = positions[:, 0, :]
+        inputs.rope_delta = int(deltas[0, 0])
 
 
 def _check_max_new_tokens(value) -> None:
