@@ -117,11 +117,13 @@ class Token2WavModule(Module):
                   for p in _LAYER_LINEARS.values() for kind in ("weight", "bias")]
         names += [f"{BIGVGAN_PREFIX}{n}" for n in ("conv_pre.weight", "conv_pre.bias", "conv_post.weight",
                                                    "activation_post.act.alpha", "activation_post.act.beta")]
-        names += [f"{BIGVGAN_PREFIX}ups.{i}.0.{kind}" for i in range(len(v.upsample_rates)) for kind in ("weight", "bias")]
+        names += [f"{BIGVGAN_PREFIX}ups.{i}.0.{kind}" for i in range(len(v.upsample_rates))
+                  for kind in ("weight", "bias")]
         for r in range(len(v.upsample_rates) * len(v.resblock_kernel_sizes)):
             names += [f"{BIGVGAN_PREFIX}resblocks.{r}.{c}.{i}.{kind}" for c in ("convs1", "convs2") for i in range(3)
                       for kind in ("weight", "bias")]
-            names += [f"{BIGVGAN_PREFIX}resblocks.{r}.activations.{i}.act.{p}" for i in range(6) for p in ("alpha", "beta")]
+            names += [f"{BIGVGAN_PREFIX}resblocks.{r}.activations.{i}.act.{p}" for i in range(6)
+                      for p in ("alpha", "beta")]
         return names
 
     def check(self) -> None:
@@ -189,11 +191,17 @@ class Token2WavModule(Module):
         return speakers
 
     def memory_estimate(self) -> int:
-        """Every token2wav tensor in float32 twice (read + written), plus a margin."""
+        """The larger of the BigVGAN (read whole) and the DiT's non-layer tensors plus one layer (the
+        layers are streamed), in float32 three times over (checkpoint read, numpy copy, graph
+        writer), plus a margin for torch and the speaker encoder."""
         if self.skip_reason() is not None:
             return 0
         names = [n for n in self.ckpt.weight_map if n.startswith("token2wav.")]
-        return int(2 * 4 * self.ckpt.numel(names) + 1.0e9)
+        bigvgan = self.ckpt.numel([n for n in names if n.startswith(BIGVGAN_PREFIX)])
+        layer0 = f"{DIT_PREFIX}transformer_blocks.0."
+        dit = self.ckpt.numel([n for n in names if n.startswith(DIT_PREFIX) and ".transformer_blocks." not in n])
+        dit += self.ckpt.numel([n for n in names if n.startswith(layer0)])
+        return int(3 * 4 * max(bigvgan, dit) + 1.0e9)
 
     def config(self) -> dict:
         d, v = self.dit_dims(), self.bigvgan_dims()
@@ -272,7 +280,8 @@ class Token2WavModule(Module):
         with torch.no_grad():
             for name, params in self.speakers().items():
                 mel = torch.from_numpy(params["ref_mel"])[None]
-                enc = encoder(torch.cat([mel, torch.zeros_like(mel)], dim=0))  # [2, enc_dim], as transformers batches it
+                # [2, enc_dim]: the reference mel and a zero mel in one batch, as transformers runs them
+                enc = encoder(torch.cat([mel, torch.zeros_like(mel)], dim=0))
                 out[name] = (enc[0].numpy().astype(np.float32), enc[1].numpy().astype(np.float32))
         return out
 

@@ -58,6 +58,9 @@ SOLVERS = ("rk4", "euler")
 SPEAKER_TENSORS = ("speaker_embedding", "reference_embedding", "null_reference_embedding")
 CFG_THRESHOLD = 1e-5  # transformers: guidance_scale < 1e-5 runs the conditioned row only
 REBUILD = "rebuild the bundle with this omni-export version"
+ODE_KEYS = ("solver", "stream_solver", "steps", "guidance_scale", "sway_coefficient")
+STREAM_KEYS = ("dit_chunk_codes", "dit_left_context_codes", "dit_right_context_codes",
+               "vocoder_left_context_frames", "vocoder_right_context_frames")
 
 
 @dataclass(frozen=True)
@@ -196,15 +199,10 @@ class Token2Wav:
             self.hop_length = int(cfg["hop_length"])
             self.num_embeds = int(cfg["num_embeds"])
             self.max_mel_frames = int(cfg["max_mel_frames"])
-            self.ode = dict(cfg["ode"])
-            self.stream_config = {k: int(v) for k, v in cfg["stream"].items()}
-            for key in ("dit_chunk_codes", "dit_left_context_codes", "dit_right_context_codes",
-                        "vocoder_left_context_frames", "vocoder_right_context_frames"):
-                self.stream_config[key]  # noqa: B018 - presence check
-            for key in ("solver", "stream_solver", "steps", "guidance_scale", "sway_coefficient"):
-                self.ode[key]  # noqa: B018
+            self.ode = {key: cfg["ode"][key] for key in ODE_KEYS}
+            self.stream_config = {key: int(cfg["stream"][key]) for key in STREAM_KEYS}
         except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"config.token2wav is incomplete ({exc!r})", path=manifest.manifest_path,
+            raise BundleError(f"config.token2wav is incomplete or malformed ({exc!r})", path=manifest.manifest_path,
                               fix=REBUILD) from None
         self.speakers = speaker_names(manifest)
         self._speakers: dict[str, Speaker] = {}
@@ -230,6 +228,10 @@ class Token2Wav:
             raise InputError(f"guidance_scale must be a number, got {guidance!r}", fix="pass e.g. 0.5",
                              param="guidance_scale")
         sway = self.ode["sway_coefficient"] if sway_coefficient is None else sway_coefficient
+        if sway is not None and (not isinstance(sway, (int, float)) or isinstance(sway, bool)
+                                 or not math.isfinite(sway)):
+            raise InputError(f"sway_coefficient must be a number, got {sway!r}", fix="pass e.g. -1.0",
+                             param="sway_coefficient")
         return solver, steps, float(guidance), sway
 
     def _codes(self, codes) -> np.ndarray:
@@ -253,7 +255,6 @@ class Token2Wav:
     # -- the ODE ----------------------------------------------------------------------------
     def _velocity_fn(self, session, codes: np.ndarray, speaker: Speaker, guidance: float):
         """f(t, x [1, frames, mel]) -> velocity [1, frames, mel], guidance included."""
-        frames = codes.shape[0] * self.mel_per_code
         if guidance < CFG_THRESHOLD:
             feeds = {"codes": codes[None], "speaker_embedding": speaker.speaker_embedding[None],
                      "reference_embedding": speaker.reference_embedding[None]}
@@ -268,7 +269,6 @@ class Token2Wav:
         scale = np.float32(guidance)
 
         def f(t: np.float32, x: np.ndarray) -> np.ndarray:
-            assert x.shape == (1, frames, self.mel_dim)
             out = session.run(["velocity"], {**feeds, "x": np.repeat(x, rows, axis=0),
                                              "time": np.full(rows, t, np.float32)})[0]
             if rows == 1:
