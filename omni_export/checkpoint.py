@@ -112,7 +112,11 @@ class Checkpoint:
     def config(self):
         """The transformers ``Qwen2_5OmniConfig`` of this checkpoint (parsed once)."""
         from transformers import Qwen2_5OmniConfig
+        from transformers.utils import logging as transformers_logging
 
+        # transformers' config validation warns about the real checkpoints' own token ids
+        # (e.g. "vision_start_token_id must be within the vocabulary" for the talker): not for users.
+        transformers_logging.set_verbosity_error()
         return Qwen2_5OmniConfig.from_pretrained(self.root)
 
     def text_config(self):

@@ -93,6 +93,8 @@ def tiny(
     preset: str = typer.Option("tiny", help="tiny (seconds, for tests and the demo) or 7b-shape (real 7B widths, few layers)."),
     seed: int = typer.Option(0, help="Random seed of the weights."),
     layers: Optional[int] = typer.Option(None, help="Thinker layer count (default: 2 for tiny, 4 for 7b-shape)."),
+    awq: bool = typer.Option(False, "--awq", help="Write an AutoAWQ GEMM int4 checkpoint (the Qwen2.5-Omni-7B-AWQ "
+                                                  "layout: thinker decoder linears as qweight/qzeros/scales)."),
 ) -> None:
     """Write a random-weight Qwen2.5-Omni checkpoint in the real on-disk layout."""
     from .bundle import check_output
@@ -108,13 +110,13 @@ def tiny(
         fail(exc)
     with interruptible("tiny"):
         try:
-            path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True)
+            path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True, awq=awq)
         except FileExistsError:
             fail(OmniError("already exists and is not empty", path=out_dir,
                            fix="choose a new directory or remove it first"))
         except ValueError as exc:
             fail(OmniError(str(exc), fix="see `omni-export tiny --help`"))
-    say(f"wrote random-weight {preset} checkpoint to {path}")
+    say(f"wrote random-weight {preset} {'AutoAWQ ' if awq else ''}checkpoint to {path}")
 
 
 @app.command()
@@ -127,8 +129,14 @@ def build(
                                       help="Refuse up front an export that would not fit in RAM."),
     verify: bool = typer.Option(False, "--verify", help="Then compare the bundle with the PyTorch model "
                                                         "(as `omni-export verify`) and print the report."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration conversations for AWQ: a JSONL file, "
+                                                               "one Qwen-style messages list per line "
+                                                               "(default: the built-in set)."),
 ) -> None:
-    """Export the model's graphs into a bundle with a manifest."""
+    """Export the model's graphs into a bundle with a manifest.
+
+    An AutoAWQ GEMM checkpoint (quantization_config in config.json) built with an int4 recipe
+    is imported exactly: its int4 weights, zero points and scales are not re-quantized."""
     # Cheap checks first, before torch is imported (seconds): output path, recipe, checkpoint.
     from .bundle import check_output
     from .checkpoint import Checkpoint
@@ -136,7 +144,9 @@ def build(
 
     try:
         check_output(out, force=force, flag="--out")
-        load_recipe(recipe)
+        parsed = load_recipe(recipe)
+        if calib is not None:
+            parsed.with_calibration_file(calib)
         Checkpoint.open(model)
     except OmniError as exc:
         fail(exc)
@@ -144,7 +154,7 @@ def build(
         from .build import build_bundle
 
         try:
-            path = build_bundle(model, recipe, out, force=force, console=err, memory_check=memory_check)
+            path = build_bundle(model, recipe, out, force=force, console=err, memory_check=memory_check, calib=calib)
         except OmniError as exc:
             fail(exc)
     say(f"bundle written to {path}")

@@ -84,6 +84,7 @@ def speaker_file_stems(names: list[str]) -> dict[str, str]:
 class Token2WavModule(Module):
     name = "token2wav"
     graphs = (token2wav_dit.GRAPH_NAME, token2wav_bigvgan.GRAPH_NAME)
+    requires = ("talker",)  # codes come from the talker: no talker, no speech
 
     def __init__(self, ckpt, settings):
         super().__init__(ckpt, settings)
