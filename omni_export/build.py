@@ -147,9 +147,28 @@ class _NoProgress:
         pass
 
 
+class _LineProgress(_NoProgress):
+    """Progress for logs and pipes: one line per step, with the elapsed time."""
+
+    def __init__(self, console):
+        self.console = console
+        self.started = time.perf_counter()
+        self.last = None
+
+    def update(self, task, description=None, completed=None, total=None, **kwargs):
+        if description is None or description == self.last:
+            return
+        self.last = description
+        step = f"[{completed}/{total}] " if completed is not None and total else ""
+        self.console.print(f"{time.perf_counter() - self.started:7.1f}s  {step}{description}", markup=False,
+                           highlight=False)
+
+
 def _progress(console):
     if console is None:
         return _NoProgress()
+    if not console.is_terminal:
+        return _LineProgress(console)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     return Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
