@@ -60,15 +60,7 @@ class Measured:
         return json.loads(lines[-1])
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where it is not readable)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+from omni_export.build import available_memory  # noqa: E402  (MemAvailable, shared with build's pre-flight)
 
 
 def default_rss_limit(margin_gb: float = 2.0) -> int | None:

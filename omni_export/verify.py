@@ -92,24 +92,9 @@ def reference_layers(ckpt: Checkpoint) -> Iterator:
 
 def _reference_layer(config, i: int, layer):
     """A ``Qwen2_5OmniDecoderLayer`` holding ``layer``'s arrays (shared, not copied)."""
-    import torch
-    from transformers.initialization import no_init_weights
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDecoderLayer
+    from .export.thinker_weights import torch_decoder_layer
 
-    from .export.thinker_decoder import LINEARS
-
-    state = {"input_layernorm.weight": layer.input_layernorm,
-             "post_attention_layernorm.weight": layer.post_attention_layernorm}
-    for field, path in LINEARS.items():
-        linear = getattr(layer, field)
-        state[f"{path}.weight"] = linear.weight
-        if linear.bias is not None:
-            state[f"{path}.bias"] = linear.bias
-    with no_init_weights(), torch.device("meta"):
-        module = Qwen2_5OmniDecoderLayer(config, layer_idx=i)
-    module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()},
-                           strict=True, assign=True)
-    return module.eval()
+    return torch_decoder_layer(config, i, layer)
 
 
 @dataclass

@@ -58,6 +58,22 @@ class TextDims:
     mrope_section: tuple[int, int, int]
     max_position_embeddings: int
 
+    def manifest_config(self) -> dict:
+        """The decoder's shape constants as the manifest's ``config.<module>`` block records them."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "mrope_section": list(self.mrope_section),
+            "max_position_embeddings": self.max_position_embeddings,
+            "kv_dtype": "float32",
+        }
+
     @classmethod
     def from_config(cls, cfg) -> "TextDims":
         rope = cfg.rope_parameters

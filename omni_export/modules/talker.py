@@ -86,18 +86,8 @@ class TalkerModule(Module):
                  "pad": int(cfg.tts_codec_pad_token_id), "mask": int(cfg.tts_codec_mask_token_id)}
         return {
             "enable_audio_output": True,
-            "hidden_size": d.hidden_size,
+            **d.manifest_config(),
             "embedding_size": int(cfg.embedding_size),
-            "num_hidden_layers": d.num_hidden_layers,
-            "num_attention_heads": d.num_attention_heads,
-            "num_key_value_heads": d.num_key_value_heads,
-            "head_dim": d.head_dim,
-            "vocab_size": d.vocab_size,
-            "rms_norm_eps": d.rms_norm_eps,
-            "rope_theta": d.rope_theta,
-            "mrope_section": list(d.mrope_section),
-            "max_position_embeddings": d.max_position_embeddings,
-            "kv_dtype": "float32",
             "codec": codec,
             # thinker-vocabulary ids of the talker's text stream (embedded with thinker_embedding)
             "text": {"bos": int(cfg.tts_text_start_token_id), "eos": int(cfg.tts_text_end_token_id),

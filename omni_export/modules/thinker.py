@@ -87,17 +87,7 @@ class ThinkerModule(Module):
         d = self.dims()
         thinker = self.ckpt.config.thinker_config
         return {
-            "hidden_size": d.hidden_size,
-            "num_hidden_layers": d.num_hidden_layers,
-            "num_attention_heads": d.num_attention_heads,
-            "num_key_value_heads": d.num_key_value_heads,
-            "head_dim": d.head_dim,
-            "vocab_size": d.vocab_size,
-            "rms_norm_eps": d.rms_norm_eps,
-            "rope_theta": d.rope_theta,
-            "mrope_section": list(d.mrope_section),
-            "max_position_embeddings": d.max_position_embeddings,
-            "kv_dtype": "float32",
+            **d.manifest_config(),
             # TMRoPE constants (omni_runtime.rope.RopeConfig)
             "position_id_per_seconds": int(getattr(thinker, "position_id_per_seconds", 25)),
             "seconds_per_chunk": int(getattr(thinker, "seconds_per_chunk", 2)),

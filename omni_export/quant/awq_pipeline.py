@@ -19,25 +19,8 @@ import torch
 
 from ..export.onnx_graph import Linear
 from ..export.thinker_decoder import LINEARS, DecoderLayer
+from ..export.thinker_weights import torch_decoder_layer
 from .awq import AwqConfig, AwqStats, awq_layer, layer_kwargs_for
-
-
-def torch_layer(text_config, index: int, layer: DecoderLayer):
-    """A float32 transformers ``Qwen2_5OmniDecoderLayer`` holding ``layer``'s float weights."""
-    from transformers.initialization import no_init_weights
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDecoderLayer
-
-    with no_init_weights():
-        module = Qwen2_5OmniDecoderLayer(text_config, index)
-    state = {"input_layernorm.weight": layer.input_layernorm,
-             "post_attention_layernorm.weight": layer.post_attention_layernorm}
-    for field, path in LINEARS.items():
-        linear = getattr(layer, field)
-        state[f"{path}.weight"] = linear.weight
-        if linear.bias is not None:
-            state[f"{path}.bias"] = linear.bias
-    module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
-    return module.to(torch.float32).eval()
 
 
 def calibration_ids(module, ctx) -> np.ndarray:
@@ -64,7 +47,7 @@ def awq_layers(module, ctx, weights) -> Iterator[DecoderLayer]:
     ctx.stats.setdefault("awq", [])
     for i in range(weights.num_layers):
         started = time.perf_counter()
-        layer = torch_layer(text_config, i, weights.float_layer(i))
+        layer = torch_decoder_layer(text_config, i, weights.float_layer(i))
         stats = AwqStats()
         clips = awq_layer(layer, hidden, kwargs, config, stats)
         with torch.no_grad():
