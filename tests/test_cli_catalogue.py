@@ -131,6 +131,21 @@ def _no_weights(ctx: Ctx) -> Path:
     return model
 
 
+def _text_only(ctx: Ctx) -> Path:
+    """The bundle without its talker and token2wav (as built from a model without a talker)."""
+    bundle = link_copy(ctx.bundle, ctx.tmp / "text-only")
+
+    def drop_speech(manifest: dict) -> None:
+        for name in [g for g in manifest["graphs"] if g.startswith(("talker", "token2wav"))]:
+            del manifest["graphs"][name]
+        for key in ("talker", "token2wav"):
+            manifest["config"].pop(key, None)
+        manifest["modules"]["built"] = [m for m in manifest["modules"]["built"] if m not in ("talker", "token2wav")]
+
+    edit_manifest(bundle, drop_speech)
+    return bundle
+
+
 def _tiny_image(ctx: Ctx) -> Path:
     import media
 
@@ -261,6 +276,24 @@ CASES = [
     Case("run-audio-in-video-without-video", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi",
                                                                         "--use-audio-in-video"],
                                                         ["--use-audio-in-video needs a --video"])),
+    # speech (--wav, --speaker): checked before any graph runs, no WAV file left behind
+    Case("run-wav-missing-dir", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--wav",
+                                                           c.tmp / "no[/x]dir" / "a.wav"],
+                                           ["no[/x]dir", "does not exist", "--wav", "'a.wav'"])),
+    Case("run-wav-is-dir", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--wav",
+                                                      _dir_with(c, "out[x]", {})], ["out[x]", "is a directory"])),
+    Case("run-wav-under-file", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--wav",
+                                                          _file(c, "f") / "a.wav"], ["f: is a file", "--wav"])),
+    Case("run-unknown-speaker", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--wav", c.tmp / "a.wav",
+                                                           "--speaker", "Nobody"],
+                                           ["unknown --speaker 'Nobody'", "Chelsie, Ethan"])),
+    Case("run-speaker-without-wav", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--speaker", "Ethan"],
+                                               ["--speaker needs --wav"])),
+    Case("run-stream-audio-without-wav", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi",
+                                                                    "--stream-audio"], ["--stream-audio needs --wav"])),
+    Case("run-wav-text-only-bundle", lambda c: ("omni-export", ["run", _text_only(c), "--prompt", "hi", "--wav",
+                                                                c.tmp / "a.wav"],
+                                                ["manifest.json", "no speech output", "leave out --wav"])),
     Case("run-unknown-device", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--device", "tpu"],
                                           ["'tpu'", "cuda"])),
     Case("run-cuda-unavailable", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--device", "cuda"],
@@ -294,6 +327,11 @@ CASES = [
     Case("runtime-missing-prompt", lambda c: ("omni-runtime", ["run", c.bundle], ["--prompt"])),
     Case("runtime-video-fps-zero", lambda c: ("omni-runtime", ["run", c.bundle, "--video", _silent_video(c),
                                                                "--video-fps", "0"], ["--video-fps", "> 0"])),
+    Case("runtime-wav-missing-dir", lambda c: ("omni-runtime", ["run", c.bundle, "--prompt", "hi", "--wav",
+                                                                c.tmp / "none" / "a.wav"], ["none", "does not exist"])),
+    Case("runtime-unknown-speaker", lambda c: ("omni-runtime", ["run", c.bundle, "--prompt", "hi", "--wav",
+                                                                c.tmp / "a.wav", "--speaker", "chelsie"],
+                                               ["'chelsie'", "Chelsie, Ethan"])),
     Case("runtime-unknown-command", lambda c: ("omni-runtime", ["chat", c.bundle], ["'chat'"])),
 ]
 

@@ -4,6 +4,7 @@
                  [--use-audio-in-video] [--video-fps FPS] [--system TEXT] [--max-new-tokens N]
                  [--greedy | --sample] [--temperature T] [--top-k K] [--top-p P]
                  [--repetition-penalty R] [--seed S] [--device auto|cpu|cuda] [--json]
+                 [--wav OUT [--speaker NAME] [--stream-audio]]
 
 ``omni-export run`` is this same command (it calls :func:`run_main`). Errors are OmniErrors
 printed as one message naming the file or value and the fix, exit code 2, no traceback; the
@@ -21,11 +22,13 @@ import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TextIO
 
 from . import __version__
-from .errors import InputError, OmniError
+from .errors import BundleError, InputError, OmniError
 from .sessions import DEVICES
 
 # API parameter -> command-line flag, for error messages.
@@ -42,18 +45,19 @@ FLAGS = {
     "prompt": "--prompt",
     "use_audio_in_video": "--use-audio-in-video",
     "video_fps": "--video-fps",
+    "speaker": "--speaker",
 }
-# Names translated wherever they appear as a word; "seed" and "device" only when the error is
-# about that parameter (``exc.param``); "prompt" and "system" never (plain English words).
+# Names translated wherever they appear as a word; "seed", "device" and "speaker" only when the
+# error is about that parameter (``exc.param``); "prompt" and "system" never (plain English words).
 _ALWAYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample",
            "use_audio_in_video", "video_fps")
-_BY_PARAM = ("seed", "device")
+_BY_PARAM = ("seed", "device", "speaker")
 _ASSIGNMENT = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")=(\"[^\"]*\"|'[^']*'|[^\s,;)]+)")
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")  # each implies --sample
 
 RUN_DESCRIPTION = ("Chat with a bundle: renders the chat template (with audio, images and video), generates "
-                   "with a KV cache and streams the answer.")
+                   "with a KV cache and streams the answer; --wav also speaks it into a WAV file.")
 RUN_EPILOG = """\
 media:
   --audio, --image and --video (each repeatable) put files in the user message before the
@@ -76,11 +80,25 @@ length:
   An explicit --max-new-tokens that would overflow it is an error naming the largest allowed
   value; the bundle's default is shortened to fit (finish_reason "context").
 
+speech:
+  --wav OUT also speaks the answer (bundles with a talker and token2wav) and writes it to OUT:
+  a mono 24 kHz 32-bit float WAV file, written to a temporary file next to it and renamed when
+  complete (nothing is left behind on an error or Ctrl-C). --speaker NAME picks the voice
+  (default: the bundle's, Chelsie). --greedy makes the talker greedy too (its repetition
+  penalty 1.05 kept); otherwise it samples with the bundle's talker defaults (top-k 40, top-p
+  0.8, temperature 0.9). The audio is made at once, as transformers' generate makes it (RK4
+  solver); --stream-audio runs token2wav in chunks while the talker produces codes instead (the
+  official streaming scheme, Euler solver: the first audio comes sooner, the waveform differs
+  slightly). token2wav's initial noise is drawn from --seed (0 without it), so the same
+  command gives the same audio.
+
 output:
   The answer is streamed to stdout. --json prints one JSON object instead: text, prompt_ids,
   token_ids and finish_reason ("eos", "length" or "context"); with media also "media", the
   token counts: {"audio_tokens": [...], "image_tokens": [...], "video_tokens": [...]} (and
-  "video_audio_tokens" with --use-audio-in-video).
+  "video_audio_tokens" with --use-audio-in-video); with --wav also "codes" (the talker's),
+  "speaker", "sample_rate", "first_audio_seconds" (from the start of the request),
+  "audio_seconds" and "wav" (the file written).
 """
 
 
@@ -150,6 +168,9 @@ class RunOptions:
     video: list[str] | None = None
     use_audio_in_video: bool = False
     video_fps: float | None = None  # None: the bundle's (2.0)
+    wav: str | None = None  # speak the answer into this WAV file
+    speaker: str | None = None  # None: the bundle's default speaker
+    stream_audio: bool = False
 
     @property
     def has_media(self) -> bool:
@@ -187,6 +208,64 @@ def check_run_options(opts: RunOptions) -> None:
         if opts.video_fps <= 0:
             raise InputError(f"--video-fps must be > 0, got {opts.video_fps}",
                              fix="pass the frames to sample per second, e.g. --video-fps 2")
+    if opts.wav is None:
+        for flag, value in (("--speaker", opts.speaker), ("--stream-audio", opts.stream_audio)):
+            if value:
+                raise InputError(f"{flag} needs --wav", fix=f"add --wav OUT.wav to hear the answer, or drop {flag}")
+    else:
+        check_wav_path(opts.wav)
+
+
+def check_wav_path(wav: str) -> None:
+    """InputError unless a file can be created at ``wav`` (its directory exists and is writable)."""
+    target = Path(wav)
+    if wav.strip() == "" or target.name in ("", ".", ".."):
+        raise InputError(f"--wav needs a file name, got {wav!r}", fix="pass e.g. --wav answer.wav")
+    if target.is_dir():
+        raise InputError("is a directory", path=target, fix="pass a file name for --wav, e.g. --wav answer.wav")
+    parent = target.parent
+    if not parent.exists():
+        raise InputError(f"directory does not exist, so --wav cannot write {target.name!r} into it", path=parent,
+                         fix="create the directory first (mkdir -p), or choose another --wav path")
+    if not parent.is_dir():
+        raise InputError(f"is a file, so --wav cannot write {target.name!r} under it", path=parent,
+                         fix="choose another --wav path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"no write access to the directory of --wav {target.name!r}", path=parent,
+                         fix="choose a --wav path in a directory you can write to")
+
+
+def _import_soundfile():
+    try:
+        import soundfile
+    except (ImportError, OSError) as exc:
+        raise OmniError(f"--wav needs the soundfile package ({exc})",
+                        fix="pip install 'omni-runtime[cpu]' (or pip install soundfile)") from None
+    return soundfile
+
+
+def write_wav(path: str, audio, sample_rate: int) -> None:
+    """Write mono float32 ``audio`` to ``path`` as a 32-bit float WAV, atomically: a temporary file
+    in the same directory, renamed over ``path`` when complete, removed on any error or Ctrl-C."""
+    soundfile = _import_soundfile()
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    try:
+        soundfile.write(tmp, audio, sample_rate, format="WAV", subtype="FLOAT")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a new file normally is not
+        os.replace(tmp, target)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, (OSError, RuntimeError)):  # soundfile's LibsndfileError is a RuntimeError
+            raise OmniError(f"cannot write the WAV file ({getattr(exc, 'strerror', None) or exc})", path=target,
+                            fix="check the disk space and permissions, or choose another --wav path") from None
+        raise
 
 
 def sampling_for(opts: RunOptions, defaults):
@@ -210,6 +289,8 @@ def run_chat(opts: RunOptions, stdout: TextIO | None = None):
 
     stdout = sys.stdout if stdout is None else stdout
     check_run_options(opts)
+    if opts.wav is not None:
+        _import_soundfile()
     runner = OmniRunner(opts.bundle, device=opts.device)
     sampling = sampling_for(opts, runner.default_sampling())
 
@@ -219,6 +300,16 @@ def run_chat(opts: RunOptions, stdout: TextIO | None = None):
 
     common = dict(system=opts.system, max_new_tokens=opts.max_new_tokens, sampling=sampling, seed=opts.seed,
                   on_text=None if opts.json else stream)
+    if opts.wav is not None:
+        if not runner.has_speech:
+            raise BundleError("this bundle has no speech output (no talker or token2wav graphs), so --wav cannot be "
+                              "written", path=runner.manifest.manifest_path,
+                              fix="leave out --wav for a text answer, or rebuild the bundle from a checkpoint with "
+                                  "a talker (enable_audio_output true) with a recipe that exports modules.talker and "
+                                  "modules.token2wav (e.g. --recipe fp32)")
+        common.update(speech=True, speaker=opts.speaker, stream=opts.stream_audio,
+                      talker_sampling=runner.default_talker_sampling(False) if opts.greedy else None,
+                      noise_seed=0 if opts.seed is None else opts.seed)
     if opts.has_media:
         content = opts.content()
         if opts.prompt is not None:
@@ -227,13 +318,20 @@ def run_chat(opts: RunOptions, stdout: TextIO | None = None):
                              use_audio_in_video=opts.use_audio_in_video, video_fps=opts.video_fps, **common)
     else:
         result = runner.chat(opts.prompt, **common)
+    if opts.wav is not None:
+        write_wav(opts.wav, result.audio, result.sample_rate)
     if opts.json:
         body = result.to_json()
         body.pop("prompt", None)
+        if opts.wav is not None:
+            body["wav"] = opts.wav
         stdout.write(json.dumps(body, ensure_ascii=False) + "\n")
     else:
         stdout.write("\n")
     stdout.flush()
+    if opts.wav is not None and not opts.json:
+        sys.stderr.write(f"wrote {opts.wav}: {result.audio_seconds:.2f} s of audio ({result.speaker}, "
+                         f"{result.sample_rate} Hz)\n")
     return result
 
 
@@ -293,7 +391,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (CUDA when available), cpu or cuda (default: auto)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (text, prompt_ids, token_ids, finish_reason; media token "
-                             "counts with media)")
+                             "counts with media; codes, first_audio_seconds, audio_seconds, wav with --wav)")
+    parser.add_argument("--wav", metavar="OUT",
+                        help="also speak the answer into OUT (24 kHz mono float WAV; needs a bundle with a talker)")
+    parser.add_argument("--speaker", metavar="NAME", help="voice for --wav (default: the bundle's, Chelsie)")
+    parser.add_argument("--stream-audio", action="store_true",
+                        help="with --wav: make the audio in chunks while the talker runs (official streaming "
+                             "scheme, Euler) instead of at once (transformers' RK4)")
 
 
 def run_parser(prog: str = "omni-runtime run") -> argparse.ArgumentParser:

@@ -22,13 +22,29 @@ expanded prompt (one position per audio, image and video token).
 Media are decoded and their token counts known before any graph runs; the audio and vision
 encoder sessions are created only when a request has that modality and released before the
 thinker decodes (``omni_runtime.media_prompt``).
+
+Speech out (bundles with a talker and token2wav, ``omni_runtime.speech``)::
+
+    # the whole answer, as transformers' generate(return_audio): RK4, one token2wav run
+    result = runner.chat("Hello", speech=True, speaker="Ethan", noise_seed=0)
+    result.audio, result.sample_rate, result.codes, result.first_audio_seconds, result.audio_seconds
+
+    # streamed: on_audio gets float32 PCM chunks while the talker is still producing codes
+    result = runner.chat("Hello", on_audio=lambda pcm, last: player.write(pcm))
+
+    # or as an iterator of (pcm, last); .result is the ChatResult once it is exhausted
+    with runner.speak("Hello") as chunks:
+        for pcm, last in chunks:
+            player.write(pcm)
+    chunks.result.text
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -58,11 +74,27 @@ class ChatResult:
     # Media token counts of a multimodal prompt: {"audio_tokens": [...], "image_tokens": [...],
     # "video_tokens": [...]} (+ "video_audio_tokens" with use_audio_in_video); None for text.
     media: dict | None = None
+    # Speech (speech=True or on_audio): the talker's codes (without its stop code), the whole
+    # waveform (float32 mono at sample_rate Hz), the speaker, the seconds from the start of the
+    # request to the first audio (the first chunk when streamed, the waveform otherwise) and the
+    # duration of the audio. All None for a text answer.
+    codes: list[int] | None = None
+    audio: np.ndarray | None = field(default=None, repr=False, compare=False)
+    sample_rate: int | None = None
+    speaker: str | None = None
+    first_audio_seconds: float | None = None
+    audio_seconds: float | None = None
 
     def to_json(self) -> dict:
-        body = asdict(self)
-        if body["media"] is None:
-            del body["media"]
+        """JSON-ready fields: everything but ``audio`` (the waveform); ``media`` only for media
+        prompts and the speech fields only for speech."""
+        body = {"text": self.text, "prompt_ids": list(self.prompt_ids), "token_ids": list(self.token_ids),
+                "finish_reason": self.finish_reason, "prompt": self.prompt}
+        if self.media is not None:
+            body["media"] = self.media
+        if self.codes is not None:
+            body.update(codes=list(self.codes), speaker=self.speaker, sample_rate=self.sample_rate,
+                        first_audio_seconds=self.first_audio_seconds, audio_seconds=self.audio_seconds)
         return body
 
 
@@ -90,6 +122,36 @@ class PromptInputs:
             return {}
         return {"prompt_embeds": [self.embeds], "prompt_positions": [self.positions],
                 "rope_deltas": [self.rope_delta]}
+
+
+class SpeechChunks:
+    """``OmniRunner.speak``'s iterator of ``(pcm float32, last)`` chunks; ``result`` is the
+    ChatResult once the last chunk is out (None before). ``close()`` (or leaving a ``with``
+    block) stops the request early and releases its sessions."""
+
+    def __init__(self, chunks: Iterator[tuple[np.ndarray, bool]]):
+        self._chunks = chunks
+        self.result: ChatResult | None = None
+
+    def __iter__(self) -> "SpeechChunks":
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, bool]:
+        try:
+            return next(self._chunks)
+        except StopIteration as done:
+            if done.value is not None:
+                self.result = done.value
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def __enter__(self) -> "SpeechChunks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class TextStreamer:
@@ -132,6 +194,7 @@ class OmniRunner:
         self.template = ChatTemplate.from_file(self.manifest.path(tok["chat_template_file"]))
         self.default_system_prompt = tok["default_system_prompt"]
         self.thinker = ThinkerGenerator(self.manifest, self.pool)
+        self._speech = None  # SpeechPipeline, made when speech is first asked for
 
     @property
     def context_length(self) -> int:
@@ -202,6 +265,14 @@ class OmniRunner:
         messages: list[dict] | None = None,
         use_audio_in_video: bool = False,
         video_fps: float | None = None,
+        speech: bool = False,
+        speaker: str | None = None,
+        on_audio: Callable[[np.ndarray, bool], None] | None = None,
+        stream: bool | None = None,
+        solver: str | None = None,
+        talker_sampling: SamplingConfig | None = None,
+        talker_max_new_tokens: int | None = None,
+        noise_seed: int | None = None,
     ) -> ChatResult:
         """Answer one user ``prompt``, or Qwen-style ``messages``; ``on_text`` receives the text as
         it is generated.
@@ -220,7 +291,95 @@ class OmniRunner:
         ``max_new_tokens`` None uses the bundle's default (clamped to the context); ``sampling``
         None the bundle's generation defaults; ``seed`` seeds sampling (unused when greedy).
         Every argument and every media input is checked before any graph runs (InputError).
+
+        Speech (``speech=True``, or ``on_audio`` given; the bundle needs a talker and token2wav,
+        BundleError otherwise): the reply is also spoken by ``speaker`` (default: the bundle's,
+        Chelsie; InputError listing the choices for an unknown one) and the result carries
+        ``codes``, ``audio``, ``sample_rate``, ``first_audio_seconds`` and ``audio_seconds``.
+        ``stream`` (default: True when ``on_audio`` is given) makes token2wav run on the codes
+        while the talker produces them, in the official chunked scheme: ``on_audio(pcm, last)``
+        receives float32 PCM chunks as they come. Unstreamed, the audio is made at once as
+        transformers' ``generate`` makes it (``on_audio`` then gets it as one chunk). ``solver``:
+        ``"rk4"`` or ``"euler"`` (default: ``rk4`` unstreamed, ``euler`` streamed, from the
+        bundle). ``talker_sampling`` None uses the bundle's talker defaults (sampling: top-k 40,
+        top-p 0.8, temperature 0.9, repetition penalty 1.05; ``Talker.default_sampling(False)``
+        is greedy); ``talker_max_new_tokens`` bounds the codes (default: the bundle's, 4096).
+        ``seed`` also seeds the talker's sampling; ``noise_seed`` (default: ``seed``) draws
+        token2wav's initial noise (``numpy.random.default_rng(noise_seed)``; None: fresh).
         """
+        request = self._request(prompt, system, max_new_tokens, sampling, seed, on_text, messages,
+                                use_audio_in_video, video_fps, speech or on_audio is not None, speaker,
+                                on_audio is not None if stream is None else stream, solver, talker_sampling,
+                                talker_max_new_tokens, noise_seed)
+        if on_audio is not None and not callable(on_audio):
+            raise InputError(f"on_audio must be a callable (pcm, last) or None, got {type(on_audio).__name__}",
+                             fix="pass a function taking a float32 array and a bool", param="on_audio")
+        chunks = self._answer(*request)
+        try:
+            while True:
+                pcm, last = next(chunks)
+                if on_audio is not None:
+                    on_audio(pcm, last)
+        except StopIteration as done:
+            return done.value
+        finally:
+            chunks.close()
+
+    def speak(
+        self,
+        prompt: str | None = None,
+        system: str | None = None,
+        max_new_tokens: int | None = None,
+        sampling: SamplingConfig | None = None,
+        seed: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+        *,
+        messages: list[dict] | None = None,
+        use_audio_in_video: bool = False,
+        video_fps: float | None = None,
+        speaker: str | None = None,
+        stream: bool = True,
+        solver: str | None = None,
+        talker_sampling: SamplingConfig | None = None,
+        talker_max_new_tokens: int | None = None,
+        noise_seed: int | None = None,
+    ) -> "SpeechChunks":
+        """The spoken answer as an iterator of ``(pcm float32, last)`` chunks, streamed by default
+        (arguments as ``chat``); its ``result`` is the ChatResult once the last chunk is out.
+
+        Every argument is checked here, before any graph runs; the thinker runs at the first
+        ``next()``. Closing the iterator early (``close()``, or leaving a ``with`` block) stops
+        the talker and releases the speech sessions.
+        """
+        request = self._request(prompt, system, max_new_tokens, sampling, seed, on_text, messages,
+                                use_audio_in_video, video_fps, True, speaker, stream, solver, talker_sampling,
+                                talker_max_new_tokens, noise_seed)
+        return SpeechChunks(self._answer(*request))
+
+    @property
+    def has_speech(self) -> bool:
+        """True if this bundle can speak (talker and token2wav graphs)."""
+        from .speech import has_speech
+
+        return has_speech(self.manifest)
+
+    def speech_pipeline(self):
+        """The bundle's ``omni_runtime.speech.SpeechPipeline`` (BundleError for a text-only bundle); no
+        session is created until speech runs."""
+        if self._speech is None:
+            from .speech import SpeechPipeline
+
+            self._speech = SpeechPipeline(self.manifest, self.pool)
+        return self._speech
+
+    def default_talker_sampling(self, do_sample: bool | None = None) -> SamplingConfig:
+        """The bundle's talker sampling defaults (``do_sample=False``: greedy, repetition penalty kept)."""
+        return self.speech_pipeline().talker.default_sampling(do_sample)
+
+    def _request(self, prompt, system, max_new_tokens, sampling, seed, on_text, messages, use_audio_in_video,
+                 video_fps, speech, speaker, stream, solver, talker_sampling, talker_max_new_tokens, noise_seed):
+        """Check everything (no graph runs) and tokenize: the arguments of ``_answer``."""
+        started = time.perf_counter()
         if max_new_tokens is not None:
             _check_max_new_tokens(max_new_tokens)
         sampling = self.default_sampling() if sampling is None else sampling
@@ -231,8 +390,30 @@ class OmniRunner:
         if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
             raise InputError(f"seed must be an integer >= 0, got {seed!r}", fix="pass a seed >= 0 (or None)",
                              param="seed")
+        if not isinstance(speech, bool):
+            raise InputError(f"speech must be True or False, got {speech!r}",
+                             fix="pass speech=True to hear the answer", param="speech")
+        voice = None
+        if not speech:
+            given = [name for name, value in (("speaker", speaker), ("stream", stream), ("solver", solver),
+                                              ("talker_sampling", talker_sampling),
+                                              ("talker_max_new_tokens", talker_max_new_tokens),
+                                              ("noise_seed", noise_seed)) if value is not None and value is not False]
+            if given:
+                raise InputError(f"{', '.join(given)} only apply to speech, which was not asked for",
+                                 fix="pass speech=True (or on_audio) to hear the answer, or leave them out",
+                                 param=given[0])
+        else:
+            voice = self.speech_pipeline().options(speaker, stream, solver, talker_sampling, talker_max_new_tokens,
+                                                   seed, seed if noise_seed is None else noise_seed)
         inputs, prepared = self._tokenize(prompt, system, messages, use_audio_in_video, video_fps)
         limit, limit_reason = self.token_budget(len(inputs.ids), max_new_tokens)
+        return started, inputs, prepared, limit, limit_reason, sampling, seed, on_text, voice
+
+    def _answer(self, started, inputs, prepared, limit, limit_reason, sampling, seed, on_text,
+                voice) -> Iterator[tuple[np.ndarray, bool]]:
+        """Run the request: the thinker (text streamed to ``on_text``), then, with ``voice``, the
+        speech chunks; returns the ChatResult (StopIteration value)."""
         if prepared is not None:
             self._encode_media(inputs, prepared)
         streamer = TextStreamer(self.tokenizer, set(int(i) for i in self.thinker.eos_ids))
@@ -243,10 +424,24 @@ class OmniRunner:
                 on_text(piece)
 
         out = self.thinker.generate([inputs.ids], limit, sampling, seed, on_step, limit_reason=limit_reason,
-                                    **inputs.generate_kwargs())
+                                    keep_states=voice is not None, **inputs.generate_kwargs())
         ids = out.token_ids[0]
         answer = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return ChatResult(answer, inputs.ids, ids, out.finish_reasons[0], prompt=inputs.text, media=inputs.media)
+        result = ChatResult(answer, inputs.ids, ids, out.finish_reasons[0], prompt=inputs.text, media=inputs.media)
+        if voice is None:
+            return result
+        from .speech import SpeechOutput
+
+        pipeline = self.speech_pipeline()
+        spoken = SpeechOutput(codes=[], audio=np.zeros(0, np.float32), sample_rate=pipeline.sample_rate)
+        yield from pipeline.run(out.states[0], voice, started, spoken)
+        result.codes = list(spoken.codes)
+        result.audio = spoken.audio
+        result.sample_rate = spoken.sample_rate
+        result.speaker = voice.speaker
+        result.first_audio_seconds = spoken.first_audio_seconds
+        result.audio_seconds = len(spoken.audio) / spoken.sample_rate
+        return result
 
     def prompt_inputs(self, prompt: str | None = None, system: str | None = None, *, messages: list[dict] | None = None,
                       use_audio_in_video: bool = False, video_fps: float | None = None) -> PromptInputs:
