@@ -561,6 +561,25 @@ def _awq_tensors(tensors: list[tuple[str, "torch.Tensor"]], group_size: int) -> 
     return out, frozenset(keep)
 
 
+def _speak_the_codebook(model, config) -> None:
+    """Zero the talker's codec-head rows past token2wav's codebook (except its stop codes).
+
+    A trained talker never emits them; a random one would, and token2wav (transformers' and
+    ours) cannot turn those codes into sound. With the rows zeroed the random model speaks."""
+    import torch
+
+    talker = getattr(model, "talker", None)
+    if talker is None:
+        return
+    codebook = int(config.token2wav_config.dit_config.num_embeds)
+    stops = {int(config.talker_config.tts_codec_end_token_id), int(config.talker_config.tts_codec_pad_token_id)}
+    with torch.no_grad():
+        head = talker.codec_head.weight
+        for row in range(codebook + 1, head.shape[0]):
+            if row not in stops:
+                head[row].zero_()
+
+
 def _write_into(
     tmp: Path, preset: str, seed: int, layers: int | None, dtype_name: str, progress: bool, awq: bool = False
 ) -> None:
@@ -576,6 +595,7 @@ def _write_into(
     with _quiet_transformers():
         model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=target)
     model.eval()
+    _speak_the_codebook(model, config)
     n_params = sum(p.numel() for p in model.parameters())
     _say(progress, f"initialized {n_params / 1e6:.1f} M parameters in {time.monotonic() - t0:.1f} s")
 

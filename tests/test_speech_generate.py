@@ -395,11 +395,29 @@ def test_bad_speech_arguments_fail_before_any_graph(api_case, tmp_path):
     assert "talker_decoder" not in text_only.pool.loaded
 
 
+@pytest.fixture(scope="module")
+def off_codebook_bundle(tiny_checkpoint, tmp_path_factory):
+    """A tiny model whose codec head can only pick 8200 or 8201 (rows w and -w, every other row 0):
+    codec ids token2wav has no entry for (a random talker, unlike a trained one, could emit them)."""
+    from safetensors.numpy import load_file, save_file
+
+    base = tmp_path_factory.mktemp("off-codebook")
+    model = base / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    tensors = load_file(model / "model.safetensors")
+    head = tensors["talker.codec_head.weight"]
+    row = head[5].copy()
+    head[:] = 0
+    head[8200], head[8201] = row, -row
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return build(model, base / "bundle")
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_talker_off_the_codebook_is_a_clear_error(tiny_bundle, stream):
-    """The plain tiny model's random codec head also picks codec ids token2wav has no entry for:
-    a BundleError naming the code, sessions released, the talker thread gone."""
-    tiny = OmniRunner(tiny_bundle, device="cpu")
+def test_a_talker_off_the_codebook_is_a_clear_error(off_codebook_bundle, stream):
+    """A talker that picks codec ids token2wav has no entry for: a BundleError naming the code,
+    sessions released, the talker thread gone."""
+    tiny = OmniRunner(off_codebook_bundle, device="cpu")
     with pytest.raises(BundleError, match="outside token2wav's codebook 0..8193") as err:
         tiny.chat(PROMPT, max_new_tokens=4, sampling=GREEDY, speech=True, stream=stream, noise_seed=0)
     assert err.value.path.endswith("manifest.json")
@@ -477,12 +495,11 @@ def test_cli_stream_audio_and_speaker(cli_case, tmp_path):
     assert proc.stdout.strip() and f"wrote {out}" in proc.stderr
 
 
-def test_cli_wav_error_mid_run_leaves_nothing(tiny_bundle, tmp_path):
-    """An error after the work started (the plain tiny model's off-codebook codes): exit 2, no WAV
-    and no temporary file."""
+def test_cli_wav_error_mid_run_leaves_nothing(off_codebook_bundle, tmp_path):
+    """An error after the work started (off-codebook codes): exit 2, no WAV and no temporary file."""
     out_dir = tmp_path / "wavs"
     out_dir.mkdir()
-    proc = run_cli("run", tiny_bundle, "--prompt", "hi", "--greedy", "--max-new-tokens", 3, "--wav",
+    proc = run_cli("run", off_codebook_bundle, "--prompt", "hi", "--greedy", "--max-new-tokens", 3, "--wav",
                    out_dir / "a.wav")
     assert proc.returncode == 2, proc.stderr
     assert "outside token2wav's codebook" in proc.stderr and "Traceback" not in proc.stderr
