@@ -129,6 +129,10 @@ def build(
                                       help="Refuse up front an export that would not fit in RAM."),
     verify: bool = typer.Option(False, "--verify", help="Then compare the bundle with the PyTorch model "
                                                         "(as `omni-export verify`) and print the report."),
+    emit: Optional[str] = typer.Option(None, "--emit", help="How int4 linears are written: qdq (standard "
+                                                             "DequantizeLinear + MatMul, fused by onnxruntime) or "
+                                                             "matmulnbits (the contrib op directly: faster load, "
+                                                             "onnxruntime only); default: the recipe's."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration conversations for AWQ: a JSONL file, "
                                                                "one Qwen-style messages list per line "
                                                                "(default: the built-in set)."),
@@ -147,19 +151,48 @@ def build(
         parsed = load_recipe(recipe)
         if calib is not None:
             parsed.with_calibration_file(calib)
-        Checkpoint.open(model)
+        if emit is not None:
+            parsed = _with_emit(parsed, emit)
+        _check_quantized_checkpoint(Checkpoint.open(model))
     except OmniError as exc:
         fail(exc)
     with interruptible("build"):
         from .build import build_bundle
 
         try:
-            path = build_bundle(model, recipe, out, force=force, console=err, memory_check=memory_check, calib=calib)
+            path = build_bundle(model, parsed, out, force=force, console=err, memory_check=memory_check, calib=calib)
         except OmniError as exc:
             fail(exc)
     say(f"bundle written to {path}")
     if verify:
         _verify_and_show(path, model)
+
+
+def _with_emit(recipe, emit: str):
+    """``recipe`` with the thinker's ``emit`` set from ``--emit``."""
+    import dataclasses
+
+    from .recipes import EMITS, RecipeError
+
+    if emit not in EMITS:
+        raise RecipeError(f"--emit {emit!r} is not a choice", fix=f"use one of: {', '.join(EMITS)}")
+    if "thinker" not in recipe.modules:
+        return recipe
+    thinker = dataclasses.replace(recipe.modules["thinker"], emit=emit)
+    return dataclasses.replace(recipe, modules={**recipe.modules, "thinker": thinker})
+
+
+def _check_quantized_checkpoint(ckpt) -> None:
+    """A pre-quantized checkpoint must be AutoAWQ GEMM 4-bit (checked from config.json alone)."""
+    from .checkpoint import CheckpointError
+    from .quant.autoawq_checkpoint import detect_autoawq
+
+    try:
+        detect_autoawq(ckpt.raw_config)
+    except ValueError as exc:
+        raise CheckpointError(str(getattr(exc, "problem", exc)), path=ckpt.root / "config.json",
+                              fix=getattr(exc, "fix", None) or "use an AutoAWQ GEMM 4-bit checkpoint or the float "
+                                                                "checkpoint") from None
 
 
 @app.command(

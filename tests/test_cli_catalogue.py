@@ -164,6 +164,26 @@ def _silent_video(ctx: Ctx) -> Path:
     return media.write_video(ctx.tmp / "silent.mp4", seconds=1.0, fps=10)
 
 
+def _gptq_checkpoint(ctx: Ctx) -> Path:
+    """The tiny checkpoint claiming GPTQ quantization (not AutoAWQ GEMM 4-bit)."""
+    model = link_copy(ctx.ckpt, ctx.tmp / "gptq", real=("config.json",))
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _awq_3bit_checkpoint(ctx: Ctx) -> Path:
+    model = link_copy(ctx.ckpt, ctx.tmp / "awq3", real=("config.json",))
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 3, "group_size": 128,
+                                     "zero_point": True}
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+BAD_GROUP = ("schema_version: 2\nname: g\nmodules:\n  thinker:\n    weights: int4\n    method: rtn\n"
+             "    group_size: 100\n")
 BAD_YAML = "schema_version: 2\nname: [oops\n"
 UNKNOWN_KEY = "schema_version: 2\nname: mine\nmodules:\n  thinker:\n    weights: float32\n    turbo: true\n"
 
@@ -218,6 +238,21 @@ CASES = [
                                             ["/proc", "write access"]),
          skip=None if Path("/proc").is_dir() else "no /proc"),
     Case("build-missing-out", lambda c: ("omni-export", ["build", "--model", c.ckpt], ["--out"])),
+    Case("build-quantized-not-autoawq", lambda c: ("omni-export", ["build", "--model", _gptq_checkpoint(c),
+                                                                   "--recipe", "awq", "--out", c.tmp / "b"],
+                                                   ["config.json", "gptq"])),
+    Case("build-autoawq-not-4bit", lambda c: ("omni-export", ["build", "--model", _awq_3bit_checkpoint(c),
+                                                              "--recipe", "awq", "--out", c.tmp / "b"],
+                                              ["config.json", "3"])),
+    Case("build-group-size-not-16x", lambda c: ("omni-export", ["build", "--model", c.ckpt, "--recipe",
+                                                                _file(c, "g.yaml", BAD_GROUP), "--out", c.tmp / "b"],
+                                                ["g.yaml", "group_size", "multiple of 16"])),
+    Case("build-calib-not-jsonl", lambda c: ("omni-export", ["build", "--model", c.ckpt, "--recipe", "awq",
+                                                             "--calib", _file(c, "calib.jsonl", "hello world\n"),
+                                                             "--out", c.tmp / "b"], ["calib.jsonl", "line 1"])),
+    Case("build-calib-with-fp32", lambda c: ("omni-export", ["build", "--model", c.ckpt, "--recipe", "fp32",
+                                                             "--calib", _file(c, "calib.jsonl", "[]\n"),
+                                                             "--out", c.tmp / "b"], ["calib.jsonl", "awq"])),
     # ------------------------------------------------------------------ run
     Case("run-bundle-bracketed", lambda c: ("omni-export", ["run", c.tmp / "a[/x]b", "--prompt", "hi"],
                                             ["a[/x]b", "does not exist", "omni-export build"])),
