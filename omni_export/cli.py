@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -65,9 +66,10 @@ def interruptible(what: str) -> Iterator[None]:
     from .bundle import exit_on_signals
 
     def said(name: str) -> None:
-        err.show_cursor(True)  # a progress display may have hidden it
-        err.print()
-        error(f"{what} interrupted by {name}; its temporary files were removed and nothing was written")
+        # Plain os.write, not the rich console: the signal may land while the console is printing
+        # a progress line (its lock held, its state half-updated).
+        text = f"{what} interrupted by {name}; its temporary files were removed and nothing was written"
+        os.write(2, f"\x1b[?25h\nerror: {text}\n".encode() if err.is_terminal else f"\nerror: {text}\n".encode())
 
     with exit_on_signals(said):
         yield
