@@ -273,7 +273,8 @@ def verify_command(
     prompts: int = typer.Option(4, "--prompts", min=1, help="Built-in conversations to score end to end."),
     tokens: int = typer.Option(32, "--tokens", min=1, help="Teacher-forced answer tokens per conversation."),
 ) -> None:
-    """Compare the bundle's graphs with the PyTorch model in fp32 (one decoder layer at a time)."""
+    """Compare every graph of the bundle with its PyTorch module in fp32 on sample inputs (one decoder layer,
+    one module at a time), and the thinker's next-token distributions."""
     from omni_runtime.manifest import load_manifest
 
     from .checkpoint import Checkpoint

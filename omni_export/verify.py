@@ -1,6 +1,6 @@
-"""``omni-export verify``: a bundle's graphs against the PyTorch (transformers) modules, fp32.
+"""``omni-export verify``: every graph of a bundle against its PyTorch (transformers) module, fp32.
 
-The reference is transformers' own ``Qwen2_5OmniDecoderLayer``, run ONE LAYER AT A TIME
+The thinker's reference is transformers' own ``Qwen2_5OmniDecoderLayer``, run ONE LAYER AT A TIME
 (``reference_layers``): each layer is built, loaded with that layer's float32 weights, run over
 every sample sequence and dropped before the next one is read, so a real 7B (28 GB in fp32)
 is verified in a few GB. For an AutoAWQ checkpoint the reference uses its dequantized int4
@@ -9,7 +9,10 @@ weights (what the checkpoint means), so an exact import shows ~0 error.
 Reported (``verify_bundle``)::
 
     {"graphs": {"thinker_embedding": {"max_abs", "rel_rms"},
-                "thinker_decoder": {"max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms"}},
+                "thinker_decoder": {"max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms"},
+                "audio_encoder", "vision_encoder", "talker_embedding", "token2wav_dit",
+                "token2wav_bigvgan": {"max_abs", "rel_rms"},
+                "talker_decoder": {"max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms"}},
      "thinker": {"top1_agreement", "mean_kl", "max_kl", "positions"},
      "bundle", "model", "recipe", "seconds", "settings"}
 
@@ -18,6 +21,21 @@ Reported (``verify_bundle``)::
   scaled like the checkpoint's embeddings) through the graph vs the reference layers + final
   norm + lm_head: the post-norm hidden states of every position (``max_abs``, ``rel_rms``) and
   the logits of the last position (``logits_*``). ``rel_rms = rms(bundle - ref) / rms(ref)``.
+- the other graphs (``verify_modules``), each present one on one small seeded sample input
+  against its transformers module (``reference_module``: the class built from its sub-config
+  without initialising weights, then loaded strictly with only its own checkpoint tensors; ONE
+  MODULE AT A TIME, dropped before the next, after its graph's session is released); graphs the
+  bundle lacks are skipped. ``audio_encoder``: ``AUDIO_FRAMES`` random log-mel frames through
+  ``audio_prep.encoder_inputs`` vs ``Qwen2_5OmniAudioEncoder`` called as ``get_audio_features``
+  does. ``vision_encoder``: random patches of grid ``VISION_GRID`` through
+  ``vision_prep.encoder_inputs`` vs ``Qwen2_5OmniVisionEncoder(..., grid_thw).pooler_output``.
+  ``talker_embedding``: sample codec ids vs the talker's ``embed_tokens``. ``talker_decoder``: a
+  ``TALKER_TOKENS`` prefill of random thinker-space embeddings vs
+  ``Qwen2_5OmniTalkerForConditionalGeneration.forward``: post-norm hidden states and the last
+  position's logits (``logits_*``). ``token2wav_dit``: one velocity evaluation with classifier-free
+  guidance's two rows for the default speaker (the bundle's stored speaker encodings) vs
+  ``Qwen2_5OmniToken2WavDiTModel(..., apply_cfg=True)`` on the speaker's reference mel.
+  ``token2wav_bigvgan``: ``BIGVGAN_FRAMES`` random mel frames vs ``Qwen2_5OmniToken2WavBigVGANModel``.
 - ``thinker``: end to end and teacher-forced on ``prompts`` of the built-in calibration
   conversations (``omni_export/calibration_data.jsonl``, evenly spaced over the set), rendered
   with the bundle's chat template and tokenizer. The prompt is the conversation up to its first
@@ -231,7 +249,7 @@ def _check_count(value, name: str, low: int = 1) -> None:
 
 def verify_bundle(bundle_dir: str | Path, model_dir: str | Path, prompts: int = 4, tokens: int = 32,
                   progress: Progress | None = None) -> dict:
-    """Compare the bundle's thinker graphs with transformers on the checkpoint ``model_dir``
+    """Compare every graph of the bundle with transformers on the checkpoint ``model_dir``
     (module docstring); ``progress(description, done, total)`` is told what runs."""
     _check_count(prompts, "prompts")
     _check_count(tokens, "tokens")
@@ -333,6 +351,11 @@ def _verify(bundle_dir: Path, model_dir: Path, prompts: int, tokens: int, progre
         agree.append(ref_logits.argmax(-1) == ours.argmax(-1))
         kls.append(kl_divergence(ref_logits, ours))
     agree, kls = np.concatenate(agree), np.concatenate(kls)
+    del ref
+    gc.collect()
+
+    # The other graphs, each against its transformers module (one at a time).
+    report_graphs.update(verify_modules(manifest, ckpt, scale, progress))
     say("done", 1, 1)
     return {
         "bundle": str(manifest.root),
@@ -345,3 +368,220 @@ def _verify(bundle_dir: Path, model_dir: Path, prompts: int, tokens: int, progre
                      "decoder_tokens": DECODER_TOKENS, "embedding_samples": EMBEDDING_SAMPLES, "seed": SEED},
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# The other graphs: each against its transformers module, one module at a time
+# ------------------------------------------------------------------------------------------------
+AUDIO = "audio_encoder"
+VISION = "vision_encoder"
+TALKER_EMBEDDING = "talker_embedding"
+TALKER_DECODER = "talker_decoder"
+DIT = "token2wav_dit"
+BIGVGAN = "token2wav_bigvgan"
+AUDIO_FRAMES = 250          # log-mel frames: one full 200-frame chunk (n_window 100) and a partial one
+VISION_GRID = (1, 8, 12)    # (t, h, w) patches: 24 merged tokens, several (partial) 112-px windows
+TALKER_TOKENS = 8           # random thinker-space prefill through the talker decoder
+DIT_CODES, DIT_TIME = 13, 0.5  # one velocity evaluation with the guidance rows (conditioned + unconditioned)
+BIGVGAN_FRAMES = 16         # mel frames through the vocoder
+
+
+def reference_module(ckpt: Checkpoint, cls, config, prefixes: tuple[str, ...]):
+    """transformers ``cls(config)`` (fp32, eval, sdpa) holding the checkpoint's tensors under ``prefixes``
+    (prefix stripped, loaded strictly), built without initialising weights: only this module is read."""
+    import copy
+
+    import torch
+    from transformers.initialization import no_init_weights
+
+    names = {}
+    for name in ckpt.weight_map:
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is not None:
+            names[name] = name[len(prefix):]
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    with no_init_weights():
+        module = cls(config)
+    module.load_state_dict(ckpt.read(names, torch.float32), strict=True, assign=True)
+    return module.float().eval()
+
+
+def _metrics(actual, reference) -> dict:
+    max_abs, rel = _errors(actual, reference)
+    return {"max_abs": max_abs, "rel_rms": rel}
+
+
+def _run_graph(pool, name: str, feeds: dict) -> list[np.ndarray]:
+    """Run graph ``name`` once and release its session."""
+    try:
+        return pool.get(name).run(None, feeds)
+    finally:
+        pool.release(name)
+
+
+def _check_audio(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Callable) -> dict:
+    import torch
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+    from omni_runtime.audio_prep import encoder_inputs
+
+    from .modules.audio import PREFIXES
+
+    block = manifest.config["audio"]
+    n_mels = int(block["num_mel_bins"])
+    features = (rng.standard_normal((n_mels, AUDIO_FRAMES)) * 0.5).astype(np.float32)  # log-mel-like range
+    say(f"bundle: {AUDIO}")
+    (ours,) = _run_graph(pool, AUDIO, encoder_inputs([features], n_window=int(block["n_window"]), n_mels=n_mels))
+    say(f"reference: {AUDIO}")
+    tower = reference_module(ckpt, Qwen2_5OmniAudioEncoder, ckpt.config.thinker_config.audio_config, PREFIXES)
+    lens = torch.tensor([AUDIO_FRAMES])
+    with torch.no_grad():  # as Qwen2_5OmniThinkerModel.get_audio_features calls the tower
+        after_cnn, _ = tower._get_feat_extract_output_lengths(lens)
+        ref = tower(torch.from_numpy(features), feature_lens=lens, aftercnn_lens=after_cnn).last_hidden_state.numpy()
+    return {AUDIO: _metrics(ours, ref)}
+
+
+def _check_vision(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Callable) -> dict:
+    import torch
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniVisionEncoder
+
+    from omni_runtime.vision_prep import VisionConfig, encoder_inputs
+
+    from .modules.vision import PREFIXES
+
+    cfg = VisionConfig.from_manifest(manifest.config)
+    t, h, w = VISION_GRID
+    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    pixels = rng.standard_normal((t * h * w, patch_dim)).astype(np.float32)  # normalized-pixel range
+    say(f"bundle: {VISION}")
+    (ours,) = _run_graph(pool, VISION, {"pixel_values": pixels, **encoder_inputs([VISION_GRID], cfg)})
+    say(f"reference: {VISION}")
+    visual = reference_module(ckpt, Qwen2_5OmniVisionEncoder, ckpt.config.thinker_config.vision_config, PREFIXES)
+    with torch.no_grad():
+        ref = visual(torch.from_numpy(pixels), grid_thw=torch.tensor([VISION_GRID])).pooler_output.numpy()
+    return {VISION: _metrics(ours, ref)}
+
+
+def _check_talker(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Callable) -> dict:
+    import torch
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniTalkerForConditionalGeneration
+
+    from omni_runtime.kv_decoder import KVDecoder
+    from omni_runtime.rope import text_position_ids
+    from omni_runtime.sessions import import_onnxruntime
+
+    from .export.talker_decoder import PREFIX
+
+    config = ckpt.config.talker_config
+    ids = rng.choice(config.vocab_size, min(EMBEDDING_SAMPLES, config.vocab_size), replace=False).astype(np.int64)
+    embeds = (rng.standard_normal((1, TALKER_TOKENS, config.embedding_size)) * scale).astype(np.float32)
+    positions = text_position_ids(np.ones((1, TALKER_TOKENS), dtype=np.int64))
+    ours = {}
+    if TALKER_EMBEDDING in manifest.graphs:
+        say(f"bundle: {TALKER_EMBEDDING}")
+        ours[TALKER_EMBEDDING] = _run_graph(pool, TALKER_EMBEDDING, {"input_ids": ids[None]})[0][0]
+    if TALKER_DECODER in manifest.graphs:
+        say(f"bundle: {TALKER_DECODER}")
+        try:
+            decoder = KVDecoder(pool.get(TALKER_DECODER), manifest.graph(TALKER_DECODER), import_onnxruntime())
+            ours[TALKER_DECODER] = decoder.step(decoder.new_cache(TALKER_TOKENS), embeds, positions, want_hidden=True)
+            del decoder
+        finally:
+            pool.release(TALKER_DECODER)
+    say("reference: talker")
+    talker = reference_module(ckpt, Qwen2_5OmniTalkerForConditionalGeneration, config, (PREFIX,))
+    report = {}
+    with torch.no_grad():
+        if TALKER_EMBEDDING in ours:
+            report[TALKER_EMBEDDING] = _metrics(ours[TALKER_EMBEDDING],
+                                                talker.get_input_embeddings()(torch.from_numpy(ids)).numpy())
+        if TALKER_DECODER in ours:
+            out = talker(inputs_embeds=torch.from_numpy(embeds), position_ids=torch.from_numpy(positions),
+                         use_cache=False, output_hidden_states=True)
+            logits, hidden = ours[TALKER_DECODER]
+            report[TALKER_DECODER] = _metrics(hidden, out.hidden_states[-1].numpy())
+            logits_max_abs, logits_rel = _errors(logits, out.logits[0, -1].numpy())
+            report[TALKER_DECODER].update(logits_max_abs=logits_max_abs, logits_rel_rms=logits_rel)
+    return report
+
+
+def _check_dit(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Callable) -> dict:
+    import torch
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavDiTModel
+
+    from .modules import REGISTRY
+    from .modules.token2wav import DIT_PREFIX
+    from .recipes import load_recipe
+
+    block = manifest.config["token2wav"]
+    speaker = block["default_speaker"]
+    stored = {k: np.load(manifest.path(v), allow_pickle=False) for k, v in block["speakers"][speaker].items()
+              if k != "bos_token"}
+    spk = REGISTRY["token2wav"](ckpt, load_recipe("fp32").module("token2wav")).speakers()[speaker]
+    config = ckpt.config.token2wav_config.dit_config
+    frames = DIT_CODES * config.repeats
+    codes = rng.integers(0, config.num_embeds + 1, (1, DIT_CODES)).astype(np.int64)
+    x = rng.standard_normal((1, frames, config.mel_dim)).astype(np.float32)
+    # classifier-free guidance's two rows, as the runtime feeds them (tests/test_token2wav_dit_parity.py)
+    feeds = {"x": np.concatenate([x, x]), "codes": np.concatenate([codes, np.zeros_like(codes)]),
+             "time": np.full(2, DIT_TIME, np.float32),
+             "speaker_embedding": np.stack([stored["speaker_embedding"], np.zeros_like(stored["speaker_embedding"])]),
+             "reference_embedding": np.stack([stored["reference_embedding"], stored["null_reference_embedding"]])}
+    say(f"bundle: {DIT}")
+    (ours,) = _run_graph(pool, DIT, feeds)
+    say(f"reference: {DIT}")
+    dit = reference_module(ckpt, Qwen2_5OmniToken2WavDiTModel, config, (DIT_PREFIX,))
+    cond = torch.from_numpy(spk["cond"])
+    with torch.no_grad():
+        ref = dit(hidden_states=torch.from_numpy(x), condition_vector=torch.from_numpy(spk["ref_mel"])[None],
+                  speaker_embedding=cond[None, None].repeat(1, frames, 1), quantized_code=torch.from_numpy(codes),
+                  time_step=torch.tensor(DIT_TIME), apply_cfg=True).numpy()
+    return {DIT: _metrics(ours, ref)}
+
+
+def _check_bigvgan(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Callable) -> dict:
+    import torch
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavBigVGANModel
+
+    from .modules.token2wav import BIGVGAN_PREFIX
+
+    config = ckpt.config.token2wav_config.bigvgan_config
+    mel = (rng.standard_normal((1, config.mel_dim, BIGVGAN_FRAMES)) * 1.7 - 0.5).astype(np.float32)
+    say(f"bundle: {BIGVGAN}")
+    (ours,) = _run_graph(pool, BIGVGAN, {"mel": mel})
+    say(f"reference: {BIGVGAN}")
+    vocoder = reference_module(ckpt, Qwen2_5OmniToken2WavBigVGANModel, config, (BIGVGAN_PREFIX,))
+    with torch.no_grad():
+        ref = vocoder(torch.from_numpy(mel)).numpy().reshape(-1)
+    return {BIGVGAN: _metrics(ours.reshape(-1), ref)}
+
+
+#: (graphs, check) in report order; a check runs when the bundle has any of its graphs
+MODULE_CHECKS = (((AUDIO,), _check_audio), ((VISION,), _check_vision),
+                 ((TALKER_EMBEDDING, TALKER_DECODER), _check_talker), ((DIT,), _check_dit),
+                 ((BIGVGAN,), _check_bigvgan))
+
+
+def verify_modules(manifest, ckpt: Checkpoint, scale: float, progress: Progress | None = None) -> dict:
+    """``{graph: {"max_abs", "rel_rms"}}`` for each of the bundle's non-thinker graphs against its
+    transformers module on one seeded sample input (module docstring); graphs the bundle lacks are
+    skipped. One reference module is in memory at a time, after its graph's session is released."""
+    from omni_runtime.sessions import CPU, SessionPool
+
+    checks = [(names, check) for names, check in MODULE_CHECKS if any(n in manifest.graphs for n in names)]
+    pool = SessionPool(manifest, [CPU])
+    report = {}
+    step = 0
+
+    def say(description: str) -> None:
+        nonlocal step
+        if progress is not None:
+            progress(description, step, sum(len(names) + 1 for names, _ in checks))
+        step += 1
+
+    for names, check in checks:
+        report.update(check(manifest, pool, ckpt, np.random.default_rng(SEED), scale, say))
+        gc.collect()  # drop the reference module before the next one is read
+    pool.release_all()
+    return report

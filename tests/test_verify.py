@@ -4,7 +4,9 @@ The reference (``omni_export.verify.reference_forward``: transformers decoder la
 run one at a time) is first checked against transformers' whole thinker loaded with
 ``from_pretrained``, so the verify numbers rest on an independent oracle. Then: an fp32 bundle
 matches it to float rounding (top-1 agreement 1, KL ~0), an int4-rtn bundle shows a small,
-nonzero, finite error, and the CLI prints the documented JSON shape.
+nonzero, finite error, and the CLI prints the documented JSON shape. The other graphs' reference
+modules (``reference_module``, built from a sub-config and only its tensors) are checked equal to
+the modules transformers' ``from_pretrained`` builds, and every graph of the fp32 bundle matches.
 """
 
 import json
@@ -16,17 +18,23 @@ import torch
 
 from conftest import run_cli
 from omni_export.checkpoint import Checkpoint
-from omni_export.verify import VerifyError, reference_forward, reference_layers, verify_bundle
+from omni_export.verify import (VerifyError, reference_forward, reference_layers, reference_module, verify_bundle,
+                                verify_modules)
+from omni_runtime.manifest import load_manifest
 
-GRAPH_KEYS = {"thinker_embedding": {"max_abs", "rel_rms"},
-              "thinker_decoder": {"max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms"}}
+LOGIT_KEYS = {"max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms"}
+GRAPH_KEYS = {"thinker_embedding": {"max_abs", "rel_rms"}, "thinker_decoder": LOGIT_KEYS,
+              "audio_encoder": {"max_abs", "rel_rms"}, "vision_encoder": {"max_abs", "rel_rms"},
+              "talker_embedding": {"max_abs", "rel_rms"}, "talker_decoder": LOGIT_KEYS,
+              "token2wav_dit": {"max_abs", "rel_rms"}, "token2wav_bigvgan": {"max_abs", "rel_rms"}}
 
 
 def check_shape(report):
-    assert set(report["graphs"]) == set(GRAPH_KEYS)
-    for name, keys in GRAPH_KEYS.items():
-        assert keys <= set(report["graphs"][name])
-        assert all(math.isfinite(report["graphs"][name][k]) for k in keys)
+    """Every graph of the bundle's manifest is reported, with finite metrics."""
+    assert set(report["graphs"]) == set(load_manifest(report["bundle"]).graphs)
+    for name, metrics in report["graphs"].items():
+        assert GRAPH_KEYS[name] <= set(metrics)
+        assert all(math.isfinite(metrics[k]) for k in GRAPH_KEYS[name])
     assert {"top1_agreement", "mean_kl", "positions"} <= set(report["thinker"])
     assert {"bundle", "model", "recipe", "seconds"} <= set(report)
 
@@ -59,12 +67,51 @@ def test_reference_layers_are_transformers_modules(tiny_checkpoint):
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for layer in layers for p in layer.parameters())
 
 
+def test_reference_modules_are_transformers_modules(tiny_checkpoint):
+    """Each reference module built from its sub-config and its own tensors equals, parameters and
+    buffers, the module transformers' from_pretrained builds from the whole checkpoint."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as m
+
+    ckpt = Checkpoint.open(tiny_checkpoint)
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="float32")
+    cfg = ckpt.config
+    cases = [(m.Qwen2_5OmniAudioEncoder, cfg.thinker_config.audio_config, ("thinker.audio_tower.",),
+              model.thinker.model.audio_tower),
+             (m.Qwen2_5OmniVisionEncoder, cfg.thinker_config.vision_config, ("thinker.visual.",),
+              model.thinker.model.visual),
+             (m.Qwen2_5OmniTalkerForConditionalGeneration, cfg.talker_config, ("talker.",), model.talker),
+             (m.Qwen2_5OmniToken2WavDiTModel, cfg.token2wav_config.dit_config, ("token2wav.code2wav_dit_model.",),
+              model.token2wav.code2wav_dit_model),
+             (m.Qwen2_5OmniToken2WavBigVGANModel, cfg.token2wav_config.bigvgan_config,
+              ("token2wav.code2wav_bigvgan_model.",), model.token2wav.code2wav_bigvgan_model)]
+    for cls, config, prefixes, expected in cases:
+        module = reference_module(ckpt, cls, config, prefixes)
+        assert type(module) is cls and not module.training
+        ours = dict(module.named_parameters()) | dict(module.named_buffers())
+        theirs = dict(expected.named_parameters()) | dict(expected.named_buffers())
+        assert ours.keys() == theirs.keys(), cls.__name__
+        for name, value in theirs.items():
+            assert ours[name].dtype == torch.float32
+            assert torch.equal(ours[name], value.float()), f"{cls.__name__}.{name}"
+
+
+def test_missing_graphs_are_skipped(tiny_bundle, tiny_checkpoint):
+    manifest = load_manifest(tiny_bundle)
+    for name in ("audio_encoder", "talker_embedding", "token2wav_dit", "token2wav_bigvgan"):
+        del manifest.graphs[name]
+    report = verify_modules(manifest, Checkpoint.open(tiny_checkpoint), scale=0.02)
+    assert set(report) == {"vision_encoder", "talker_decoder"}
+    assert all(value <= 1e-4 for metrics in report.values() for value in metrics.values())
+
+
 def test_fp32_bundle_matches(tiny_bundle, tiny_checkpoint):
     report = verify_bundle(tiny_bundle, tiny_checkpoint, prompts=2, tokens=16)
     print(json.dumps(report, indent=1))
     check_shape(report)
+    assert set(report["graphs"]) == set(GRAPH_KEYS)  # the tiny fp32 bundle has every graph
     for metrics in report["graphs"].values():
-        assert all(value < 1e-4 for value in metrics.values())
+        assert all(value <= 1e-4 for value in metrics.values())
     assert report["recipe"] == "fp32"
     assert report["thinker"]["positions"] == 2 * 16
     assert report["thinker"]["top1_agreement"] == 1.0
