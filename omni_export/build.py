@@ -52,7 +52,7 @@ def prepare(model_dir: str | Path, recipe: str | Recipe, calib: str | Path | Non
     ckpt = Checkpoint.open(model_dir)
     modules, skipped = [], {}
     for name, settings in recipe.modules.items():
-        module = REGISTRY[name](ckpt, settings)
+        module = REGISTRY[name](ckpt, settings, calibration=recipe.calibration)
         reason = module.skip_reason()
         if reason is None and any(dep in skipped for dep in module.requires):
             reason = f"needs {', '.join(d for d in module.requires if d in skipped)}, which is skipped"

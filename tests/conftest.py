@@ -7,6 +7,7 @@ the checkpoint directory (independently of omni-export's loader).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,22 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "omni_export.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def link_copy(src: Path, dest: Path, real: tuple[str, ...] = ("manifest.json",)) -> Path:
+    """A copy of directory ``src`` whose files are hard links (copies where linking fails), except
+    the ``real`` ones, which are copied so a test may modify them."""
+    dest.mkdir(parents=True)
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+            continue
+        if path.name in real:
+            shutil.copyfile(path, target)
+        else:
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+    return dest

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -52,8 +51,8 @@ def test_v5_names_in_shards_give_the_same_decoder(tiny_checkpoint, tmp_path):
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
 
     legacy, v5 = ThinkerWeights(Checkpoint.open(tiny_checkpoint)), ThinkerWeights(Checkpoint.open(model))
-    assert legacy.by_target.keys() == v5.by_target.keys()
-    names = sorted(legacy.by_target)
+    assert legacy.names.keys() == v5.names.keys()
+    names = sorted(legacy.names)
     a, b = legacy.read(names), v5.read(names)
     assert all(np.array_equal(a[k], b[k]) for k in names)
     assert np.array_equal(legacy.lm_head(), v5.lm_head())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from conftest import link_copy
 
 # The tiny model's chat template and default system prompt take ~118 tokens before the user's text.
 SMALL_CONTEXT = 64
@@ -34,24 +35,6 @@ def cli(tool: str, *args) -> subprocess.CompletedProcess:
 
 def snapshot(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*")} | {"<root>"}
-
-
-def link_copy(src: Path, dest: Path, real: tuple[str, ...] = ("manifest.json",)) -> Path:
-    """A copy of ``src`` whose files are hard links, except ``real`` ones (safe to modify)."""
-    dest.mkdir(parents=True)
-    for path in src.rglob("*"):
-        target = dest / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(exist_ok=True)
-            continue
-        if path.name in real:
-            shutil.copyfile(path, target)
-        else:
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copyfile(path, target)
-    return dest
 
 
 def edit_manifest(bundle: Path, change: Callable[[dict], None]) -> None:

@@ -1,12 +1,11 @@
 """Bad input gives one clear message naming the file and the fix, exit code 2, no traceback."""
 
 import json
-import os
 import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import link_copy, run_cli
 
 
 def assert_clean_error(proc, *expected):
@@ -124,21 +123,6 @@ def test_zero_new_tokens(tiny_bundle):
 # ------------------------------------------------------------------------------ no rich markup
 
 
-def linked_copy(src, dest):
-    """Copy a bundle directory as hard links (read-only use)."""
-    dest.mkdir(parents=True)
-    for path in sorted(src.rglob("*")):
-        target = dest / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir()
-            continue
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
-    return dest
-
-
 @pytest.mark.parametrize("args, text", [
     (("run", "{tmp}/a[/x]b", "--prompt", "hi"), "{tmp}/a[/x]b: bundle directory does not exist"),
     (("run", "{tmp}/my[bold]bundle", "--prompt", "hi"), "{tmp}/my[bold]bundle: bundle directory does not exist"),
@@ -173,7 +157,7 @@ def test_cuda_fix_keeps_the_extra(tiny_bundle):
 
 
 def test_bundle_under_bracketed_path_runs_and_inspects(tiny_bundle, tmp_path):
-    bundle = linked_copy(tiny_bundle, tmp_path / "a[" / "x]b[bold]")
+    bundle = link_copy(tiny_bundle, tmp_path / "a[" / "x]b[bold]", real=())
     proc = run_cli("inspect", bundle)
     assert proc.returncode == 0, proc.stderr
     assert str(bundle.resolve()) in proc.stdout

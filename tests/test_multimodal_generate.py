@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import warnings
@@ -34,6 +33,7 @@ import pytest
 import torch
 
 import media
+from conftest import link_copy
 from omni_runtime.audio_prep import load_audio
 from omni_runtime.chat import DEFAULT_SYSTEM_PROMPT
 from omni_runtime.errors import InputError
@@ -254,20 +254,12 @@ def test_sources_and_order(runner, processor, reference_thinker, files):
 
 def linked_bundle(src, dest, change):
     """A copy of bundle ``src`` (files hard-linked where possible) with ``change`` applied to its manifest."""
-    shutil.copytree(src, dest, copy_function=_link_or_copy)
+    link_copy(src, dest)
     path = dest / "manifest.json"
-    path.unlink()
-    data = json.loads((src / "manifest.json").read_text())
+    data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
     return dest
-
-
-def _link_or_copy(source, target):
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def test_context_budget_counts_the_expanded_prompt(tiny_bundle, tmp_path, files):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -29,7 +28,7 @@ from omni_runtime.sampling import SamplingConfig
 
 from omni_export import __version__ as export_version
 
-from conftest import run_cli
+from conftest import link_copy, run_cli
 
 PROMPT = "Tell me about the sea."
 NEW = 6
@@ -41,25 +40,8 @@ def runtime_cli(*args, importtime: bool = False) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, "NO_COLOR": "1"})
 
 
-def linked_copy(src, dest):
-    """A copy of a bundle whose files are hard links, except manifest.json (safe to modify)."""
-    dest.mkdir(parents=True)
-    for path in sorted(src.rglob("*")):
-        target = dest / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir()
-        elif path.name == "manifest.json":
-            shutil.copyfile(path, target)
-        else:
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copyfile(path, target)
-    return dest
-
-
 def with_manifest(src, dest, change):
-    bundle = linked_copy(src, dest)
+    bundle = link_copy(src, dest)
     data = json.loads((bundle / "manifest.json").read_text())
     change(data)
     (bundle / "manifest.json").write_text(json.dumps(data))

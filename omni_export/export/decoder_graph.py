@@ -74,6 +74,12 @@ class TextDims:
             "kv_dtype": "float32",
         }
 
+    def layer_float_bytes(self, intermediate_size: int) -> int:
+        """float32 bytes of one decoder layer's linear weights (q, k, v, o and the SwiGLU MLP)."""
+        attention = (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim * self.hidden_size
+        attention += self.num_attention_heads * self.head_dim * self.hidden_size
+        return 4 * (attention + 3 * self.hidden_size * intermediate_size)
+
     @classmethod
     def from_config(cls, cfg) -> "TextDims":
         rope = cfg.rope_parameters

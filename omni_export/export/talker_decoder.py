@@ -19,15 +19,15 @@ So:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from ..checkpoint import Checkpoint, CheckpointError
-from .decoder_graph import LINEARS, DecoderLayer, TextDims, build_decoder_graph
+from ..checkpoint import Checkpoint
+from .decoder_graph import LINEARS, TextDims, build_decoder_graph
+from .decoder_weights import DecoderWeights
 from .onnx_graph import GraphBuilder, Linear
 from .onnx_io import ExportedGraph
 
@@ -57,16 +57,13 @@ def build_embedding_graph(table: np.ndarray, out_dir: Path) -> ExportedGraph:
     return g.save()
 
 
-class TalkerWeights:
+class TalkerWeights(DecoderWeights):
     """Lazy float32 access to the talker's tensors (``talker.*``), one decoder layer at a time."""
 
     def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.names = {name[len(PREFIX):]: name for name in ckpt.weight_map if name.startswith(PREFIX)}
-        self.num_layers = ckpt.config.talker_config.num_hidden_layers
-
-    def has(self, target: str) -> bool:
-        return target in self.names
+        super().__init__(ckpt, {name[len(PREFIX):]: name for name in ckpt.weight_map if name.startswith(PREFIX)},
+                         ckpt.config.talker_config.num_hidden_layers, "talker", layer_prefix="model.layers.",
+                         shown=PREFIX)
 
     def required(self) -> list[str]:
         """Every tensor the talker graphs need (module names under ``talker.``); biases are optional."""
@@ -81,40 +78,14 @@ class TalkerWeights:
     def missing(self) -> list[str]:
         return [t for t in self.required() if t not in self.names]
 
-    def read(self, targets: list[str]) -> dict[str, np.ndarray]:
-        import torch
-
-        missing = [t for t in targets if t not in self.names]
-        if missing:
-            raise CheckpointError(f"talker weights are missing: {', '.join(PREFIX + t for t in missing[:3])}",
-                                  path=self.ckpt.root, fix="the checkpoint is incomplete or does not match config.json")
-        tensors = self.ckpt.read({self.names[t]: t for t in targets}, torch.float32)
-        return {t: tensors[t].numpy() for t in targets}
-
-    def _linear(self, target: str) -> Linear:
-        names = [f"{target}.weight"] + ([f"{target}.bias"] if self.has(f"{target}.bias") else [])
-        t = self.read(names)
-        return Linear(t[f"{target}.weight"], t.get(f"{target}.bias"))
-
-    def layer(self, i: int) -> DecoderLayer:
-        p = f"model.layers.{i}."
-        norms = self.read([f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"])
-        linears = {field: self._linear(f"{p}{path}") for field, path in LINEARS.items()}
-        return DecoderLayer(norms[f"{p}input_layernorm.weight"], norms[f"{p}post_attention_layernorm.weight"],
-                            **linears)
-
-    def layers(self) -> Iterator[DecoderLayer]:
-        for i in range(self.num_layers):
-            yield self.layer(i)
-
     def final_norm(self) -> np.ndarray:
         return self.read(["model.norm.weight"])["model.norm.weight"]
 
     def input_proj(self) -> Linear:
-        return self._linear("thinker_to_talker_proj")
+        return self.linear("thinker_to_talker_proj")
 
     def codec_head(self) -> Linear:
-        return self._linear("codec_head")
+        return self.linear("codec_head")
 
     def codec_embedding(self) -> np.ndarray:
         return self.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]

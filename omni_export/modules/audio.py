@@ -37,8 +37,8 @@ class AudioModule(Module):
     name = "audio"
     graphs = (audio_encoder.GRAPH_NAME,)
 
-    def __init__(self, ckpt, settings):
-        super().__init__(ckpt, settings)
+    def __init__(self, ckpt, settings, **kwargs):
+        super().__init__(ckpt, settings, **kwargs)
         self._names: dict[str, str] | None = None
 
     # -- checks -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..checkpoint import Checkpoint
-from ..recipes import ModuleRecipe, Recipe
+from ..recipes import CalibrationRecipe, ModuleRecipe, Recipe
 
 
 @dataclass
@@ -31,9 +31,10 @@ class Module:
     #: graph names this module writes, in the manifest's ``graphs``
     graphs: ClassVar[tuple[str, ...]]
 
-    def __init__(self, ckpt: Checkpoint, settings: ModuleRecipe):
+    def __init__(self, ckpt: Checkpoint, settings: ModuleRecipe, calibration: CalibrationRecipe | None = None):
         self.ckpt = ckpt
         self.settings = settings
+        self.calibration = calibration  # the recipe's calibration section (AWQ), if any
 
     #: modules this one needs in the same bundle (skipped with them)
     requires: ClassVar[tuple[str, ...]] = ()

@@ -74,8 +74,7 @@ class TalkerModule(Module):
             return 0
         cfg = self._config()
         d = talker_dims(cfg)
-        layer = 4 * (d.hidden_size * (d.num_attention_heads + 2 * d.num_key_value_heads) * d.head_dim
-                     + d.num_attention_heads * d.head_dim * d.hidden_size + 3 * d.hidden_size * cfg.intermediate_size)
+        layer = d.layer_float_bytes(cfg.intermediate_size)
         table = 4 * d.vocab_size * max(cfg.embedding_size, d.hidden_size)
         return int(3 * max(layer, table) + 1.0e9)
 
@@ -109,7 +108,7 @@ class TalkerModule(Module):
             ctx.progress(f"talker decoder layer {i + 2}" if i + 1 < dims.num_hidden_layers else "talker codec head",
                          i + 2, total)
 
-        decoder = talker_decoder.build_graph(dims, weights.layers(), weights.final_norm(), weights.codec_head,
+        decoder = talker_decoder.build_graph(dims, weights.float_layers(), weights.final_norm(), weights.codec_head,
                                              ctx.out_dir, on_layer=on_layer, input_proj=weights.input_proj(),
                                              input_width=int(self._config().embedding_size))
         ctx.progress("talker done", total, total)

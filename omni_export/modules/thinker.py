@@ -37,8 +37,8 @@ class ThinkerModule(Module):
     name = "thinker"
     graphs = (thinker_embedding.GRAPH_NAME, thinker_decoder.GRAPH_NAME)
 
-    def __init__(self, ckpt, settings):
-        super().__init__(ckpt, settings)
+    def __init__(self, ckpt, settings, **kwargs):
+        super().__init__(ckpt, settings, **kwargs)
         self._autoawq: dict | None = None
 
     # -- checks and estimates ---------------------------------------------------------------
@@ -71,17 +71,14 @@ class ThinkerModule(Module):
         calibration activations), or the float embedding table / lm_head, whichever is larger."""
         d = self.dims()
         cfg = self.ckpt.text_config()
-        layer = 4 * (d.hidden_size * (d.num_attention_heads + 2 * d.num_key_value_heads) * d.head_dim
-                     + d.num_attention_heads * d.head_dim * d.hidden_size + 3 * d.hidden_size * cfg.intermediate_size)
+        layer = d.layer_float_bytes(cfg.intermediate_size)
         table = 4 * d.vocab_size * d.hidden_size
         calib = 0
         if self.settings.method == "awq" and not self.imports_autoawq:
-            c = self.settings_calibration
+            c = self.calibration
             tokens = c.samples * c.sequence_length if c else 512
             calib = 4 * tokens * (4 * d.hidden_size + 2 * cfg.intermediate_size) * 2
         return int(max(4 * layer + calib, 2 * table + layer) + 1.5e9)
-
-    settings_calibration = None  # set by build() from the recipe
 
     def config(self) -> dict:
         d = self.dims()
@@ -152,7 +149,7 @@ class ThinkerModule(Module):
             target = f"{p}{path}"
             bias = weights.read([f"{target}.bias"])[f"{target}.bias"] if weights.has(f"{target}.bias") else None
             if weights.has(f"{target}.qweight"):
-                qweight = weights.by_target[f"{target}.qweight"]
+                qweight = weights.names[f"{target}.qweight"]
                 linears[field] = Linear(read_autoawq_linear(self.ckpt, qweight[: -len(".qweight")]), bias)
             else:  # modules_to_not_convert: kept in float by AutoAWQ
                 linears[field] = Linear(weights.read([f"{target}.weight"])[f"{target}.weight"], bias)
@@ -170,7 +167,6 @@ class ThinkerModule(Module):
         from ..export.thinker_weights import ThinkerWeights
 
         s = self.settings
-        self.settings_calibration = ctx.recipe.calibration
         weights = ThinkerWeights(self.ckpt)
         dims = self.dims()
         total = dims.num_hidden_layers + 2

@@ -86,8 +86,8 @@ class Token2WavModule(Module):
     graphs = (token2wav_dit.GRAPH_NAME, token2wav_bigvgan.GRAPH_NAME)
     requires = ("talker",)  # codes come from the talker: no talker, no speech
 
-    def __init__(self, ckpt, settings):
-        super().__init__(ckpt, settings)
+    def __init__(self, ckpt, settings, **kwargs):
+        super().__init__(ckpt, settings, **kwargs)
         self._speakers: dict | None = None
 
     # -- what the checkpoint holds ------------------------------------------------------------

@@ -178,7 +178,8 @@ class KVDecoder:
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
-        binding.bind_output("last_hidden_state", "cpu")
+        # the hidden states cross to the host only when asked for (the talker's input)
+        binding.bind_output("last_hidden_state", "cpu" if want_hidden else self.device)
         for i, (key, value) in enumerate(cache.buffers):
             binding.bind_ortvalue_input(self.past_names[2 * i], key)
             binding.bind_ortvalue_input(self.past_names[2 * i + 1], value)
