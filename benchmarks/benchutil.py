@@ -60,7 +60,7 @@ class Measured:
         return json.loads(lines[-1])
 
 
-from omni_export.build import available_memory  # noqa: E402  (MemAvailable, shared with build's pre-flight)
+from omni_export.build.pipeline import available_memory  # noqa: E402  (MemAvailable, shared with build's pre-flight)
 
 
 def default_rss_limit(margin_gb: float = 2.0) -> int | None:

@@ -86,7 +86,7 @@ def write_qwen2_view(model_dir: str | Path, out_dir: str | Path) -> Path:
     """
     from transformers.utils import logging as transformers_logging
 
-    from omni_export.checkpoint import Checkpoint
+    from omni_export.checkpoint.reader import Checkpoint
 
     transformers_logging.set_verbosity_error()  # config-validation chatter about the omni token ids
     ckpt = Checkpoint.open(model_dir)

@@ -36,8 +36,8 @@ def vm_hwm_bytes() -> int:
 
 def child(bundle: Path, length: int, threads: int, seed: int, prefill_chunk: int | None) -> dict:
     from omni_runtime.runner import OmniRunner
-    from omni_runtime.sampling import SamplingConfig
-    from omni_runtime.thinker import DECODER, EMBEDDING
+    from omni_runtime.stages.sampling import SamplingConfig
+    from omni_runtime.stages.thinker import DECODER, EMBEDDING
 
     start = time.perf_counter()
     runner = OmniRunner(bundle, device="cpu", threads=threads)

@@ -60,10 +60,10 @@ def rates(start: float, stamps: list[float]) -> tuple[float, float]:
 
 # ------------------------------------------------------------------ engines (child processes)
 def bench_bundle(bundle: Path, prompt: list[int], new_tokens: int, threads: int) -> dict:
-    from omni_runtime.manifest import load_manifest
-    from omni_runtime.sampling import SamplingConfig
-    from omni_runtime.sessions import SessionPool, SessionSettings, select_providers
-    from omni_runtime.thinker import DECODER, EMBEDDING, ThinkerGenerator
+    from omni_runtime.bundle.manifest import load_manifest
+    from omni_runtime.stages.sampling import SamplingConfig
+    from omni_runtime.bundle.sessions import SessionPool, SessionSettings, select_providers
+    from omni_runtime.stages.thinker import DECODER, EMBEDDING, ThinkerGenerator
 
     start = time.perf_counter()
     manifest = load_manifest(bundle)

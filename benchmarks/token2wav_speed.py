@@ -1,10 +1,10 @@
-"""Token2wav speed: the bundle's graphs + omni_runtime.token2wav against transformers' PyTorch module.
+"""Token2wav speed: the bundle's graphs + omni_runtime.stages.token2wav against transformers' PyTorch module.
 
 Both run in this process with the same number of threads (``--threads``), the same codes, speaker,
 solver, steps and initial noise; the waveforms are compared (max abs difference) so a fast wrong
 result cannot pass. Measured: the whole waveform (``Token2Wav.waveform`` vs
 ``Qwen2_5OmniToken2WavModel.forward``), and streaming (``Token2Wav.stream`` vs the official
-chunked algorithm in torch, tests/token2wav_refs.py): first-chunk latency and total time.
+chunked algorithm in torch, omni_export/testkit/token2wav_refs.py): first-chunk latency and total time.
 
 The graphs are built from ``--model`` into ``--work`` (token2wav only, reused when present); the
 PyTorch reference is ``Qwen2_5OmniToken2WavModel`` with the checkpoint's ``token2wav.*`` weights
@@ -34,7 +34,7 @@ def build_graphs(model_dir: Path, work: Path) -> dict:
     """token2wav graphs + speakers of ``model_dir`` in ``work``; returns a manifest dict (no thinker)."""
     from types import SimpleNamespace
 
-    from omni_export.checkpoint import Checkpoint
+    from omni_export.checkpoint.reader import Checkpoint
     from omni_export.modules.base import BuildContext
     from omni_export.modules.token2wav import Token2WavModule
 
@@ -62,9 +62,9 @@ def build_graphs(model_dir: Path, work: Path) -> dict:
 
 
 def open_runtime(work: Path, data: dict, threads: int):
-    from omni_runtime.manifest import GraphSpec, Manifest, TensorSpec
-    from omni_runtime.sessions import SessionPool, SessionSettings
-    from omni_runtime.token2wav import Token2Wav
+    from omni_runtime.bundle.manifest import GraphSpec, Manifest, TensorSpec
+    from omni_runtime.bundle.sessions import SessionPool, SessionSettings
+    from omni_runtime.stages.token2wav import Token2Wav
 
     graphs = {name: GraphSpec(name=name, file=g["file"], external_data=tuple(g["external_data"]), opset=g["opset"],
                               dtype=g["dtype"], quantization=None,
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     import torch
     from transformers.utils import logging
 
-    from token2wav_refs import _sample_chunk, given_noise, official_stream
+    from omni_export.testkit.token2wav_refs import _sample_chunk, given_noise, official_stream
 
     logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

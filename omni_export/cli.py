@@ -27,7 +27,7 @@ from rich.text import Text
 
 from omni_runtime.errors import OmniError
 
-from . import __version__
+from omni_export import __version__
 
 app = typer.Typer(
     name="omni-export",
@@ -63,7 +63,7 @@ def fail(exc: OmniError) -> None:
 @contextlib.contextmanager
 def interruptible(what: str) -> Iterator[None]:
     """SIGINT/SIGTERM/SIGHUP remove the temporary directories being written and exit 128+N."""
-    from .bundle import exit_on_signals
+    from omni_export.build.bundle_writer import exit_on_signals
 
     def said(name: str) -> None:
         # Plain os.write, not the rich console: the signal may land while the console is printing
@@ -99,8 +99,8 @@ def tiny(
                                                   "layout: thinker decoder linears as qweight/qzeros/scales)."),
 ) -> None:
     """Write a random-weight Qwen2.5-Omni checkpoint in the real on-disk layout."""
-    from .bundle import check_output
-    from .tiny_model import PRESETS, write_tiny_checkpoint
+    from omni_export.build.bundle_writer import check_output
+    from omni_export.testkit.tiny_model import PRESETS, write_tiny_checkpoint
 
     if preset not in PRESETS:
         fail(OmniError(f"unknown preset {preset!r}", fix=f"use one of: {', '.join(PRESETS)}"))
@@ -144,9 +144,9 @@ def build(
     An AutoAWQ GEMM checkpoint (quantization_config in config.json) built with an int4 recipe
     is imported exactly: its int4 weights, zero points and scales are not re-quantized."""
     # Cheap checks first, before torch is imported (seconds): output path, recipe, checkpoint.
-    from .bundle import check_output
-    from .checkpoint import Checkpoint
-    from .recipes import load_recipe
+    from omni_export.build.bundle_writer import check_output
+    from omni_export.checkpoint.reader import Checkpoint
+    from omni_export.build.recipes import load_recipe
 
     try:
         check_output(out, force=force, flag="--out")
@@ -159,7 +159,7 @@ def build(
     except OmniError as exc:
         fail(exc)
     with interruptible("build"):
-        from .build import build_bundle
+        from omni_export.build.pipeline import build_bundle
 
         try:
             path = build_bundle(model, parsed, out, force=force, console=err, memory_check=memory_check, calib=calib)
@@ -174,7 +174,7 @@ def _with_emit(recipe, emit: str):
     """``recipe`` with the thinker's ``emit`` set from ``--emit``."""
     import dataclasses
 
-    from .recipes import EMITS, RecipeError
+    from omni_export.build.recipes import EMITS, RecipeError
 
     if emit not in EMITS:
         raise RecipeError(f"--emit {emit!r} is not a choice", fix=f"use one of: {', '.join(EMITS)}")
@@ -186,8 +186,8 @@ def _with_emit(recipe, emit: str):
 
 def _check_quantized_checkpoint(ckpt) -> None:
     """A pre-quantized checkpoint must be AutoAWQ GEMM 4-bit (checked from config.json alone)."""
-    from .checkpoint import CheckpointError
-    from .quant.autoawq_checkpoint import detect_autoawq
+    from omni_export.checkpoint.reader import CheckpointError
+    from omni_export.quant.autoawq_checkpoint import detect_autoawq
 
     try:
         detect_autoawq(ckpt.raw_config)
@@ -215,9 +215,9 @@ def inspect(
     verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256."),
 ) -> None:
     """Show a bundle's manifest: model, recipe, graphs and their IO."""
-    from omni_runtime.manifest import load_manifest, verify_file
+    from omni_runtime.bundle.manifest import load_manifest, verify_file
 
-    from .recipes import recipe_summary
+    from omni_export.build.recipes import recipe_summary
 
     try:
         manifest = load_manifest(bundle)
@@ -275,9 +275,9 @@ def verify_command(
 ) -> None:
     """Compare every graph of the bundle with its PyTorch module in fp32 on sample inputs (one decoder layer,
     one module at a time), and the thinker's next-token distributions."""
-    from omni_runtime.manifest import load_manifest
+    from omni_runtime.bundle.manifest import load_manifest
 
-    from .checkpoint import Checkpoint
+    from omni_export.checkpoint.reader import Checkpoint
 
     try:  # cheap checks before torch is imported
         load_manifest(bundle)
@@ -288,9 +288,9 @@ def verify_command(
 
 
 def _verify_and_show(bundle: Path, model: Path, as_json: bool = False, prompts: int = 4, tokens: int = 32) -> None:
-    """Run ``omni_export.verify.verify_bundle`` with a progress bar; print a table or JSON."""
-    from .build import _progress
-    from .verify import verify_bundle
+    """Run ``omni_export.verify.driver.verify_bundle`` with a progress bar; print a table or JSON."""
+    from omni_export.build.pipeline import _progress
+    from omni_export.verify.driver import verify_bundle
 
     failure = None
     with _progress(err) as progress:
@@ -327,7 +327,7 @@ def _verify_and_show(bundle: Path, model: Path, as_json: bool = False, prompts: 
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    from .bundle import StalePartialWarning
+    from omni_export.build.bundle_writer import StalePartialWarning
 
     if issubclass(category, StalePartialWarning):
         warn(str(message))

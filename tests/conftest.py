@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_tiny(tmp_path_factory, seed: int) -> tuple[Path, Path]:
     """Write a tiny checkpoint with ``seed`` and build an fp32 bundle from it."""
-    from omni_export.build import build_bundle
-    from omni_export.tiny_model import write_tiny_checkpoint
+    from omni_export.build.pipeline import build_bundle
+    from omni_export.testkit.tiny_model import write_tiny_checkpoint
 
     base = tmp_path_factory.mktemp(f"tiny-seed{seed}")
     ckpt = write_tiny_checkpoint(base / "model", preset="tiny", seed=seed)

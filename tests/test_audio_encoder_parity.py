@@ -2,7 +2,7 @@
 
 Inputs are made the way the model receives them: WhisperFeatureExtractor features with the
 processor's attention mask, run through ``thinker.get_audio_features`` (the tower with the
-lengths taken from the mask). The runtime stage (``omni_runtime.audio_encoder``) prepares the
+lengths taken from the mask). The runtime stage (``omni_runtime.stages.audio_encoder``) prepares the
 graph's index inputs on the host and splits the output per audio.
 """
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import media
-from omni_runtime.audio_encoder import AudioEncoder
-from omni_runtime.audio_prep import audio_token_counts, load_audio
-from omni_runtime.manifest import load_manifest
-from omni_runtime.sessions import SessionPool
+from omni_export.testkit import media
+from omni_runtime.stages.audio_encoder import AudioEncoder
+from omni_runtime.media.audio_prep import audio_token_counts, load_audio
+from omni_runtime.bundle.manifest import load_manifest
+from omni_runtime.bundle.sessions import SessionPool
 
 TOL = 1e-4
 

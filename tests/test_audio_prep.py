@@ -1,4 +1,4 @@
-"""Torch-free audio preparation (omni_runtime.audio_prep) against its references.
+"""Torch-free audio preparation (omni_runtime.media.audio_prep) against its references.
 
 - Decoding + resampling equals qwen-omni-utils' ``process_audio_info`` (librosa.load at 16 kHz) on
   generated wav, flac, mp3 files (bit-exact: same decoder, same soxr resampler and quality) and
@@ -19,9 +19,9 @@ import warnings
 import numpy as np
 import pytest
 
-import media
-from omni_runtime import audio_prep
-from omni_runtime.audio_prep import AudioConfig, audio_features, audio_token_counts, encoder_inputs, load_audio, log_mel
+from omni_export.testkit import media
+from omni_runtime.media import audio_prep
+from omni_runtime.media.audio_prep import AudioConfig, audio_features, audio_token_counts, encoder_inputs, load_audio, log_mel
 from omni_runtime.errors import InputError
 
 INT16_STEP = 2.0 ** -15
@@ -307,7 +307,7 @@ def test_preparation_is_torch_free(files, tmp_path):
                 return None
 
         sys.meta_path.insert(0, Block())
-        from omni_runtime.audio_prep import audio_features, encoder_inputs
+        from omni_runtime.media.audio_prep import audio_features, encoder_inputs
         feats = [audio_features(p) for p in {[str(files["speech.mp3"]), str(files["clip.mp4"])]!r}]
         inputs = encoder_inputs(feats)
         np.save({str(tmp_path / "f0.npy")!r}, feats[0])

@@ -16,8 +16,8 @@ import torch
 from onnx import numpy_helper
 from safetensors import safe_open
 
-from omni_export.build import build_bundle
-from omni_export.tiny_model import write_tiny_checkpoint
+from omni_export.build.pipeline import build_bundle
+from omni_export.testkit.tiny_model import write_tiny_checkpoint
 from tests.test_quant_packing import autoawq_reverse_awq_order, autoawq_unpack_awq
 
 GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "mlp": ("gate_proj", "up_proj"),

@@ -18,7 +18,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDe
 
 from omni_export.quant import rtn
 from omni_export.quant.awq import LINEAR_NAMES, AwqConfig, AwqStats, awq_layer, layer_kwargs_for
-from omni_export.tiny_model import build_config
+from omni_export.testkit.tiny_model import build_config
 
 GROUP = 64
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from omni_export import build as build_module
+from omni_export.build import pipeline as build_module
 from omni_export.export import thinker_decoder
-from omni_export.build import build_bundle
-from omni_export.bundle import BundleWriteError
-from omni_runtime.manifest import load_manifest
+from omni_export.build.pipeline import build_bundle
+from omni_export.build.bundle_writer import BundleWriteError
+from omni_runtime.bundle.manifest import load_manifest
 
 
 def test_failed_build_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
@@ -49,7 +49,7 @@ def test_refuses_to_replace_a_non_bundle_directory(tiny_checkpoint, tmp_path):
 
 
 def test_memory_check_refuses_before_any_work(tiny_checkpoint, tmp_path, monkeypatch):
-    from omni_export.checkpoint import CheckpointError
+    from omni_export.checkpoint.reader import CheckpointError
 
     monkeypatch.setattr(build_module, "available_memory", lambda: 1000)  # 1 kB free
     out = tmp_path / "bundle"

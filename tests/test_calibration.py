@@ -7,16 +7,16 @@ import sys
 import numpy as np
 import pytest
 
-from omni_export.build import chat_template
-from omni_export.calibration import (
+from omni_export.build.pipeline import chat_template
+from omni_export.build.calibration import (
     CalibrationError,
     builtin_messages,
     calibration_batch,
     calibration_messages,
     load_calibration_file,
 )
-from omni_export.checkpoint import Checkpoint
-from omni_export.recipes import load_recipe
+from omni_export.checkpoint.reader import Checkpoint
+from omni_export.build.recipes import load_recipe
 
 
 def write(tmp_path, *lines):
@@ -160,7 +160,7 @@ def test_batch_bad_sizes(tokenizer_files, samples, length):
 
 
 def test_calibration_import_is_light():
-    code = ("import sys, omni_export.calibration as c; c.builtin_messages(); "
+    code = ("import sys, omni_export.build.calibration as c; c.builtin_messages(); "
             "heavy = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

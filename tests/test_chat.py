@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from omni_runtime.chat import DEFAULT_SYSTEM_PROMPT, ChatTemplate, build_messages
+from omni_runtime.prompt.chat import DEFAULT_SYSTEM_PROMPT, ChatTemplate, build_messages
 from omni_runtime.errors import BundleError, InputError
 
 # The Qwen2.5-Omni chat template (tokenizer_config.json / chat_template.jinja of the checkpoint).

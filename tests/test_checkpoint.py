@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from omni_export.checkpoint import Checkpoint, CheckpointError
+from omni_export.checkpoint.reader import Checkpoint, CheckpointError
 from omni_export.export.thinker_weights import ThinkerWeights
 
 

@@ -130,19 +130,19 @@ def _text_only(ctx: Ctx) -> Path:
 
 
 def _tiny_image(ctx: Ctx) -> Path:
-    import media
+    from omni_export.testkit import media
 
     return media.write_image(ctx.tmp / "dot.png", 1, 1)
 
 
 def _frameless_video(ctx: Ctx) -> Path:
-    import media
+    from omni_export.testkit import media
 
     return media.write_empty_video(ctx.tmp / "empty.mp4")
 
 
 def _silent_video(ctx: Ctx) -> Path:
-    import media
+    from omni_export.testkit import media
 
     return media.write_video(ctx.tmp / "silent.mp4", seconds=1.0, fps=10)
 

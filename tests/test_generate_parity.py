@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from omni_runtime.chat import DEFAULT_SYSTEM_PROMPT, build_messages
+from omni_runtime.prompt.chat import DEFAULT_SYSTEM_PROMPT, build_messages
 from omni_runtime.runner import OmniRunner
-from omni_runtime.sampling import SamplingConfig
+from omni_runtime.stages.sampling import SamplingConfig
 
 from conftest import build_tiny, load_reference_thinker, run_cli
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from omni_export.bundle import BundleWriter, StalePartialWarning, check_output
+from omni_export.build.bundle_writer import BundleWriter, StalePartialWarning, check_output
 
 from conftest import run_cli
 
@@ -130,7 +130,7 @@ def test_signal_during_a_deferred_block_is_handled_after_it():
     """The renames that publish a result are never cut in half by a signal."""
     code = (
         "import os, signal, time\n"
-        "from omni_export.bundle import exit_on_signals, signals_deferred\n"
+        "from omni_export.build.bundle_writer import exit_on_signals, signals_deferred\n"
         "with exit_on_signals(lambda name: print('handled', name, flush=True)):\n"
         "    with signals_deferred():\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"

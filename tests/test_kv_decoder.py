@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from omni_runtime.kv_decoder import KVDecoder
-from omni_runtime.manifest import load_manifest
-from omni_runtime.sessions import SessionPool, import_onnxruntime
-from omni_runtime.thinker import ThinkerGenerator
+from omni_runtime.stages.kv_decoder import KVDecoder
+from omni_runtime.bundle.manifest import load_manifest
+from omni_runtime.bundle.sessions import SessionPool, import_onnxruntime
+from omni_runtime.stages.thinker import ThinkerGenerator
 
 TOLERANCE = 1e-4
 

@@ -12,7 +12,7 @@ import pytest
 
 from omni_runtime import BundleError, Manifest, OmniError, load_manifest
 from omni_runtime.errors import InputError
-from omni_runtime.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, validate_relpath, verify_file
+from omni_runtime.bundle.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, validate_relpath, verify_file
 
 FILES = {
     "thinker_decoder.onnx": b"not really onnx",

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from omni_runtime.errors import BundleError
-from omni_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from omni_runtime.bundle.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 CASES = 3000
 SEED = 20240611

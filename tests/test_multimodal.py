@@ -1,4 +1,4 @@
-"""Placeholder expansion and embedding merge (omni_runtime.multimodal) against transformers.
+"""Placeholder expansion and embedding merge (omni_runtime.prompt.multimodal) against transformers.
 
 - A video with its audio track: the interleaved placeholder sequence equals
   ``Qwen2_5OmniProcessor.replace_video_with_audio_token`` (tokenized) for random grids,
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from omni_runtime.errors import InputError
-from omni_runtime.multimodal import MediaTokens, Placeholders, expand_placeholders, merge_embeddings
+from omni_runtime.prompt.multimodal import MediaTokens, Placeholders, expand_placeholders, merge_embeddings
 
 TOKENS = MediaTokens(audio=151646, image=151655, video=151656, audio_bos=151647, audio_eos=151648)
 

@@ -32,13 +32,13 @@ import numpy as np
 import pytest
 import torch
 
-import media
+from omni_export.testkit import media
 from conftest import link_copy
-from omni_runtime.audio_prep import load_audio
-from omni_runtime.chat import DEFAULT_SYSTEM_PROMPT
+from omni_runtime.media.audio_prep import load_audio
+from omni_runtime.prompt.chat import DEFAULT_SYSTEM_PROMPT
 from omni_runtime.errors import InputError
 from omni_runtime.runner import OmniRunner
-from omni_runtime.sampling import SamplingConfig
+from omni_runtime.stages.sampling import SamplingConfig
 
 NEW_TOKENS = 24
 MARGIN = 1e-4

@@ -22,7 +22,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
 
 from omni_export.quant import rtn
 from omni_export.quant.awq import LINEAR_NAMES, AwqConfig, AwqStats, awq_layer, fake_quantize, layer_kwargs_for
-from omni_export.tiny_model import build_config
+from omni_export.testkit.tiny_model import build_config
 
 
 def text_config(hidden=128, intermediate=256, heads=4, kv_heads=4, attn="sdpa"):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from omni_export.recipes import (
+from omni_export.build.recipes import (
     KEYS,
     MODULES,
     RecipeError,
@@ -283,7 +283,7 @@ def test_unknown_name_and_missing_file(tmp_path):
 
 
 def test_recipes_import_is_light():
-    code = ("import sys, omni_export.recipes as r; r.load_recipe('awq'); "
+    code = ("import sys, omni_export.build.recipes as r; r.load_recipe('awq'); "
             "heavy = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

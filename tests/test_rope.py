@@ -1,4 +1,4 @@
-"""TMRoPE position ids and rope deltas (omni_runtime.rope) against transformers' get_rope_index.
+"""TMRoPE position ids and rope deltas (omni_runtime.prompt.rope) against transformers' get_rope_index.
 
 The reference is ``Qwen2_5OmniThinkerForConditionalGeneration.get_rope_index`` of the tiny
 model; equality is exact (positions are integers). A seeded property test draws random
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_runtime.rope import RopeConfig, rope_index, text_position_ids
+from omni_runtime.prompt.rope import RopeConfig, rope_index, text_position_ids
 
 IDS = dict(image=151655, video=151656, audio=151646, vision_bos=151652, vision_eos=151653,
            audio_bos=151647, audio_eos=151648)

@@ -24,7 +24,7 @@ from omni_runtime import __version__ as runtime_version
 from omni_runtime.cli import RunOptions, cli_message, sampling_for
 from omni_runtime.errors import InputError
 from omni_runtime.runner import OmniRunner
-from omni_runtime.sampling import SamplingConfig
+from omni_runtime.stages.sampling import SamplingConfig
 
 from omni_export import __version__ as export_version
 

@@ -18,7 +18,7 @@ def test_runtime_runs_without_torch(tiny_bundle):
 
         sys.meta_path.insert(0, Block())
         from omni_runtime.runner import OmniRunner
-        from omni_runtime.sampling import SamplingConfig
+        from omni_runtime.stages.sampling import SamplingConfig
         result = OmniRunner({str(tiny_bundle)!r}, device="cpu").chat(
             "hello", max_new_tokens=4, sampling=SamplingConfig(do_sample=False))
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))

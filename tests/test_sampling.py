@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from omni_runtime.errors import InputError
-from omni_runtime.sampling import SamplingConfig, next_tokens, process_logits
+from omni_runtime.stages.sampling import SamplingConfig, next_tokens, process_logits
 
 VOCAB = 500
 

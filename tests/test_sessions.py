@@ -12,11 +12,11 @@ import onnx.helper as helper
 import onnx.numpy_helper
 import pytest
 
-import omni_runtime.sessions as sessions
+import omni_runtime.bundle.sessions as sessions
 from omni_runtime import load_manifest
 from omni_runtime.errors import BundleError, InputError, OmniError
-from omni_runtime.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION
-from omni_runtime.sessions import (
+from omni_runtime.bundle.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION
+from omni_runtime.bundle.sessions import (
     CPU,
     CUDA,
     SessionPool,
@@ -246,14 +246,14 @@ def test_unloadable_graph(tmp_path):
 
 
 def test_dtype_names_agree_with_manifest():
-    from omni_runtime.manifest import TENSOR_DTYPES
+    from omni_runtime.bundle.manifest import TENSOR_DTYPES
 
     assert set(sessions.ORT_DTYPES.values()) == TENSOR_DTYPES
 
 
 def test_accuracy_level_from_manifest_reaches_session_options():
-    from omni_runtime.manifest import GraphSpec
-    from omni_runtime.sessions import graph_session_config
+    from omni_runtime.bundle.manifest import GraphSpec
+    from omni_runtime.bundle.sessions import graph_session_config
 
     def spec(quantization):
         return GraphSpec("g", "g.onnx", (), 21, "float32", quantization, (), ())

@@ -47,12 +47,12 @@ import torch
 
 from omni_runtime.errors import BundleError, InputError
 from omni_runtime.runner import OmniRunner
-from omni_runtime.sampling import SamplingConfig
-from omni_runtime.talker import Talker
-from omni_runtime.token2wav import Token2Wav
+from omni_runtime.stages.sampling import SamplingConfig
+from omni_runtime.stages.talker import Talker
+from omni_runtime.stages.token2wav import Token2Wav
 
 from conftest import run_cli
-from token2wav_refs import loud_checkpoint, reference_model, torch_threads
+from omni_export.testkit.token2wav_refs import loud_checkpoint, reference_model, torch_threads
 
 TOL = 1e-3
 MEL = 80
@@ -72,7 +72,7 @@ def speech_checkpoint(base: Path, seed: int) -> Path:
     codebook (codec head rows >= 8194 zeroed: their logits are 0, below the best of 8194 random ones)."""
     from safetensors.numpy import load_file, save_file
 
-    from omni_export.tiny_model import write_tiny_checkpoint
+    from omni_export.testkit.tiny_model import write_tiny_checkpoint
 
     tiny = write_tiny_checkpoint(base / "tiny", preset="tiny", seed=seed)
     model = loud_checkpoint(Path(tiny), base / "model", seed=seed)
@@ -96,7 +96,7 @@ def swap_codec_rows(src: Path, dst: Path, code: int) -> Path:
 
 
 def build(model: Path, out: Path) -> Path:
-    from omni_export.build import build_bundle
+    from omni_export.build.pipeline import build_bundle
 
     return build_bundle(model, "fp32", out, memory_check=False)
 
@@ -105,7 +105,7 @@ def hf_prompt_ids(checkpoint: Path, prompt: str) -> list[int]:
     """The chat prompt from transformers' tokenizer and the checkpoint's chat template."""
     from transformers import AutoTokenizer
 
-    from omni_runtime.chat import DEFAULT_SYSTEM_PROMPT, build_messages
+    from omni_runtime.prompt.chat import DEFAULT_SYSTEM_PROMPT, build_messages
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     messages = build_messages(prompt, system=DEFAULT_SYSTEM_PROMPT)

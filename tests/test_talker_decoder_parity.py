@@ -113,8 +113,8 @@ def test_talker_embedding_matches_transformers(tiny_bundle, reference_talker):
 
 def test_talker_graph_io_in_manifest(tiny_bundle, session):
     """The manifest lists both talker graphs with the graphs' own IO, and config.talker's shapes."""
-    from omni_runtime.manifest import load_manifest
-    from omni_runtime.sessions import ORT_DTYPES
+    from omni_runtime.bundle.manifest import load_manifest
+    from omni_runtime.bundle.sessions import ORT_DTYPES
 
     manifest = load_manifest(tiny_bundle)
     spec = manifest.graph("talker_decoder")

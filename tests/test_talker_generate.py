@@ -31,11 +31,11 @@ import pytest
 import torch
 
 from omni_runtime.errors import BundleError, InputError
-from omni_runtime.manifest import Manifest, load_manifest
-from omni_runtime.sampling import SamplingConfig
-from omni_runtime.sessions import SessionPool
-from omni_runtime.talker import Talker
-from omni_runtime.thinker import ThinkerGenerator
+from omni_runtime.bundle.manifest import Manifest, load_manifest
+from omni_runtime.stages.sampling import SamplingConfig
+from omni_runtime.bundle.sessions import SessionPool
+from omni_runtime.stages.talker import Talker
+from omni_runtime.stages.thinker import ThinkerGenerator
 
 TOLERANCE = 1e-4
 MARGIN = 1e-4
@@ -159,7 +159,7 @@ def test_greedy_codes_stop_on_eos_like_transformers(tiny, tmp_path, reference_ru
     early, so generation stops there: the stop id is not a code, the codes before it match."""
     from safetensors.numpy import load_file, save_file
 
-    from omni_export.build import build_bundle
+    from omni_export.build.pipeline import build_bundle
 
     checkpoint, _ = tiny
     ref_codes = reference_run[0][1]

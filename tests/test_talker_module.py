@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 
-from omni_export.checkpoint import Checkpoint, CheckpointError
+from omni_export.checkpoint.reader import Checkpoint, CheckpointError
 from omni_export.modules.talker import TalkerModule
-from omni_export.recipes import load_recipe
+from omni_export.build.recipes import load_recipe
 
 
 def module_for(model_dir) -> TalkerModule:

@@ -85,8 +85,8 @@ def test_decoder_matches_transformers(session, reference_thinker, batch, sequenc
 
 def test_decoder_io_read_from_graph(tiny_bundle, session):
     """The manifest's IO for the decoder is the graph's own (names, dtypes, shapes)."""
-    from omni_runtime.manifest import load_manifest
-    from omni_runtime.sessions import ORT_DTYPES
+    from omni_runtime.bundle.manifest import load_manifest
+    from omni_runtime.bundle.sessions import ORT_DTYPES
 
     spec = load_manifest(tiny_bundle).graph("thinker_decoder")
     for ours, theirs in ((spec.inputs, session.get_inputs()), (spec.outputs, session.get_outputs())):

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from omni_export.build import build_bundle
+from omni_export.build.pipeline import build_bundle
 from omni_export.quant import rtn
 
 TOLERANCE = 1e-4

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from omni_export import tiny_model, tokenizer_kit
-from omni_export.tiny_model import CHECKPOINT_FILES, SPEAKERS, build_config, write_tiny_checkpoint
-from omni_export.tokenizer_kit import CHAT_TEMPLATE, SPECIAL_TOKENS
+from omni_export.testkit import tiny_model, tokenizer_kit
+from omni_export.testkit.tiny_model import CHECKPOINT_FILES, SPEAKERS, build_config, write_tiny_checkpoint
+from omni_export.testkit.tokenizer_kit import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 LEGACY_PREFIXES = (
     "thinker.model.layers.0.",

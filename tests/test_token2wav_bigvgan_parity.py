@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from token2wav_refs import prepared, torch_threads
+from omni_export.testkit.token2wav_refs import prepared, torch_threads
 
 TOL = 1e-4
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from token2wav_refs import prepared, torch_threads
+from omni_export.testkit.token2wav_refs import prepared, torch_threads
 
 TOL = 1e-4
 
@@ -92,7 +92,7 @@ def test_dit_velocity_without_guidance(case, session, n_codes):
 
 def test_speaker_files_and_manifest(case):
     """The speakers of spk_dict.pt are in the manifest with their bos tokens; the x-vector is stored as is."""
-    from omni_runtime.manifest import load_manifest
+    from omni_runtime.bundle.manifest import load_manifest
 
     _, bundle, model = case
     manifest = load_manifest(bundle)
@@ -124,7 +124,7 @@ def test_module_skip_reason_and_checks(case, tmp_path):
     import shutil
     from types import SimpleNamespace
 
-    from omni_export.checkpoint import Checkpoint, CheckpointError
+    from omni_export.checkpoint.reader import Checkpoint, CheckpointError
     from omni_export.modules.token2wav import Token2WavModule
 
     settings = SimpleNamespace(weights="float32", name="token2wav")

@@ -1,4 +1,4 @@
-"""``omni_runtime.token2wav.Token2Wav`` (torch-free ODE loop and streaming) against torch references.
+"""``omni_runtime.stages.token2wav.Token2Wav`` (torch-free ODE loop and streaming) against torch references.
 
 - ``waveform(solver="rk4")`` equals transformers' ``Qwen2_5OmniToken2WavModel(codes, conditioning,
   reference_mel)`` (RK4, 10 steps, guidance 0.5, sway -1) within 1e-3 on the waveform, for the same
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from token2wav_refs import _sample_chunk, given_noise, official_stream, open_token2wav, prepared, torch_threads
+from omni_export.testkit.token2wav_refs import _sample_chunk, given_noise, official_stream, open_token2wav, prepared, torch_threads
 
 TOL = 1e-3
 MEL = 80
@@ -182,9 +182,9 @@ def test_bundle_without_speech(case, tmp_path):
     import dataclasses
 
     from omni_runtime.errors import BundleError
-    from omni_runtime.manifest import load_manifest
-    from omni_runtime.sessions import SessionPool
-    from omni_runtime.token2wav import Token2Wav, speaker_bos_token
+    from omni_runtime.bundle.manifest import load_manifest
+    from omni_runtime.bundle.sessions import SessionPool
+    from omni_runtime.stages.token2wav import Token2Wav, speaker_bos_token
 
     manifest = load_manifest(case[1])
     assert speaker_bos_token(manifest, "Ethan") == case[2].speaker_map["Ethan"]["bos_token"]

@@ -1,6 +1,6 @@
 """``omni-export verify``: the layer-at-a-time PyTorch reference and the bundle report.
 
-The reference (``omni_export.verify.reference_forward``: transformers decoder layers built and
+The reference (``omni_export.verify.driver.reference_forward``: transformers decoder layers built and
 run one at a time) is first checked against transformers' whole thinker loaded with
 ``from_pretrained``, so the verify numbers rest on an independent oracle. Then: an fp32 bundle
 matches it to float rounding (top-1 agreement 1, KL ~0), an int4-rtn bundle shows a small,
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import run_cli
-from omni_export.checkpoint import Checkpoint
-from omni_export.verify import (VerifyError, reference_forward, reference_layers, reference_module, verify_bundle,
+from omni_export.checkpoint.reader import Checkpoint
+from omni_export.verify.driver import (VerifyError, reference_forward, reference_layers, reference_module, verify_bundle,
                                 verify_modules)
-from omni_runtime.manifest import load_manifest
+from omni_runtime.bundle.manifest import load_manifest
 
 LOGIT_KEYS = {"max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms"}
 GRAPH_KEYS = {"thinker_embedding": {"max_abs", "rel_rms"}, "thinker_decoder": LOGIT_KEYS,
@@ -120,7 +120,7 @@ def test_fp32_bundle_matches(tiny_bundle, tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def int4_bundle(tiny_checkpoint, tmp_path_factory):
-    from omni_export.build import build_bundle
+    from omni_export.build.pipeline import build_bundle
 
     return build_bundle(tiny_checkpoint, "int4-rtn", tmp_path_factory.mktemp("verify-int4") / "b")
 
@@ -139,7 +139,7 @@ def test_int4_rtn_bundle_has_small_nonzero_error(int4_bundle, tiny_checkpoint):
 
 
 def test_other_model_is_refused(tiny_bundle, tmp_path):
-    from omni_export.tiny_model import write_tiny_checkpoint
+    from omni_export.testkit.tiny_model import write_tiny_checkpoint
 
     other = write_tiny_checkpoint(tmp_path / "other", preset="tiny", seed=1, layers=3)
     with pytest.raises(VerifyError, match="num_hidden_layers 2 vs 3"):

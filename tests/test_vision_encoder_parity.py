@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from omni_runtime.errors import InputError
-from omni_runtime.vision_prep import VisionConfig, encoder_inputs, token_count
+from omni_runtime.media.vision_prep import VisionConfig, encoder_inputs, token_count
 
 TOL = 1e-4
 PATCH_DIM = 3 * 2 * 14 * 14
@@ -82,9 +82,9 @@ def unit_graph(unit_checkpoint, tmp_path_factory):
     """(onnxruntime session of the vision graph built from unit_checkpoint, transformers' visual)."""
     import onnxruntime as ort
 
-    from omni_export.checkpoint import Checkpoint
+    from omni_export.checkpoint.reader import Checkpoint
     from omni_export.modules import REGISTRY, BuildContext
-    from omni_export.recipes import load_recipe
+    from omni_export.build.recipes import load_recipe
 
     recipe = load_recipe("fp32")
     ckpt = Checkpoint.open(unit_checkpoint)
@@ -144,10 +144,10 @@ def test_encoder_inputs_equal_transformers(grids):
 def test_runtime_stage_on_the_bundle(tiny_checkpoint, tiny_bundle):
     """The fp32 bundle's vision graph through the runtime stage (session loaded on demand and
     released after), against the tiny checkpoint's own visual."""
-    from omni_runtime.manifest import load_manifest
-    from omni_runtime.sessions import SessionPool
-    from omni_runtime.vision_encoder import VisionEncoder
-    from omni_runtime.vision_prep import VisionInput
+    from omni_runtime.bundle.manifest import load_manifest
+    from omni_runtime.bundle.sessions import SessionPool
+    from omni_runtime.stages.vision_encoder import VisionEncoder
+    from omni_runtime.media.vision_prep import VisionInput
 
     manifest = load_manifest(tiny_bundle)
     assert manifest.recipe["modules"]["vision"]["weights"] == "float32"
@@ -187,9 +187,9 @@ def test_runtime_stage_on_the_bundle(tiny_checkpoint, tiny_bundle):
 ])
 def test_module_refuses_other_preprocessing(tiny_checkpoint, tmp_path, change, needles):
     """A preprocessor_config.json the runtime would not follow is refused before the build."""
-    from omni_export.checkpoint import Checkpoint, CheckpointError
+    from omni_export.checkpoint.reader import Checkpoint, CheckpointError
     from omni_export.modules import REGISTRY
-    from omni_export.recipes import load_recipe
+    from omni_export.build.recipes import load_recipe
 
     for file in tiny_checkpoint.iterdir():
         (tmp_path / file.name).symlink_to(file)

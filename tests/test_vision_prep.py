@@ -1,4 +1,4 @@
-"""Torch-free image and video preparation (omni_runtime.vision_prep) against the references.
+"""Torch-free image and video preparation (omni_runtime.media.vision_prep) against the references.
 
 - Images: ``preprocess_image`` equals transformers' ``Qwen2VLImageProcessor`` as the tiny
   checkpoint's ``Qwen2_5OmniProcessor`` loads it (resize, rescale, normalize, patchify), for
@@ -16,9 +16,9 @@ import math
 import numpy as np
 import pytest
 
-import media
+from omni_export.testkit import media
 from omni_runtime.errors import InputError
-from omni_runtime.vision_prep import (VisionConfig, load_image, load_video, preprocess_image, resize_float,
+from omni_runtime.media.vision_prep import (VisionConfig, load_image, load_video, preprocess_image, resize_float,
                                       resize_uint8, smart_resize, token_count)
 
 EXACT = 1e-6  # same float32 operations; observed difference 0
@@ -33,7 +33,7 @@ def processor(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def config(tiny_bundle) -> VisionConfig:
-    from omni_runtime.manifest import load_manifest
+    from omni_runtime.bundle.manifest import load_manifest
 
     return VisionConfig.from_manifest(load_manifest(tiny_bundle).config["vision"])
 
@@ -285,7 +285,7 @@ def test_preparation_is_torch_free(tmp_path):
 
     image = media.write_image(tmp_path / "a.png", 120, 90)
     video = media.write_video(tmp_path / "v.mp4", seconds=1.0, size=(96, 72))
-    code = (f"import sys; from omni_runtime.vision_prep import preprocess_image, load_video, encoder_inputs\n"
+    code = (f"import sys; from omni_runtime.media.vision_prep import preprocess_image, load_video, encoder_inputs\n"
             f"a = preprocess_image({str(image)!r}); b = load_video({str(video)!r})\n"
             f"encoder_inputs([a.grid_thw, b.grid_thw])\n"
             f"bad = [m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules]\n"

@@ -10,7 +10,7 @@ Graph IO (docs/bundle-format.md, ``audio_encoder``)::
     -> audio_embeds [audio_tokens, output_dim] float32              one row per audio token (25 / s)
 
 Everything that depends on the audio lengths (chunking, padding, the indices) is computed on
-the host (``omni_runtime.audio_prep.encoder_inputs``); the graph has no shape-specific
+the host (``omni_runtime.media.audio_prep.encoder_inputs``); the graph has no shape-specific
 constant. The encoder keeps the chunks on a batch axis: its two convolutions, the sinusoidal
 positions (restarting in each chunk) and self-attention all work within a chunk, as in
 transformers (whose attention splits the packed sequence at ``cu_seqlens`` = the chunk
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .onnx_graph import GraphBuilder, Linear
-from .onnx_io import ExportedGraph
+from omni_export.export.onnx_graph import GraphBuilder, Linear
+from omni_export.export.onnx_io import ExportedGraph
 
-GRAPH_NAME = "audio_encoder"
+from omni_runtime.bundle.names import AUDIO_ENCODER as GRAPH_NAME
 FILE_NAME = "audio_encoder.onnx"
 F = ir.DataType.FLOAT
 I64 = ir.DataType.INT64

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .onnx_graph import MS_DOMAIN, GraphBuilder, Linear
-from .onnx_io import ExportedGraph
+from omni_export.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
+from omni_export.export.onnx_io import ExportedGraph
 
 LINEARS = {  # DecoderLayer field -> checkpoint module path inside a layer
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",

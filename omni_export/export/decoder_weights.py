@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..checkpoint import Checkpoint, CheckpointError
-from .decoder_graph import LINEARS, DecoderLayer
-from .onnx_graph import Linear
+from omni_export.checkpoint.reader import Checkpoint, CheckpointError
+from omni_export.export.decoder_graph import LINEARS, DecoderLayer
+from omni_export.export.onnx_graph import Linear
 
 
 class DecoderWeights:

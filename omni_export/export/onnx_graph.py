@@ -21,8 +21,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ..quant.types import QuantWeight
-from .onnx_io import ExportedGraph, TensorIO
+from omni_export.quant.types import QuantWeight
+from omni_export.export.onnx_io import ExportedGraph, TensorIO
 
 OPSET = 21  # blocked DequantizeLinear (block_size) needs opset 21
 MS_DOMAIN = "com.microsoft"
@@ -178,7 +178,7 @@ class GraphBuilder:
         return list(self.ops("Split", y, self.const(widths), outputs=len(linears), axis=-1))
 
     def _dq_matmul(self, x: ir.Value, w: QuantWeight, name: str) -> ir.Value:
-        from ..quant.packing import to_blocked_dq
+        from omni_export.quant.packing import to_blocked_dq
 
         levels, scales, zeros = to_blocked_dq(w)  # [K, N], [G, N], [G, N]
         qtype = ml_dtypes.uint4 if w.bits == 4 else np.uint8
@@ -189,7 +189,7 @@ class GraphBuilder:
         return self.op("MatMul", x, weight)
 
     def _matmulnbits(self, x: ir.Value, w: QuantWeight, name: str) -> ir.Value:
-        from ..quant.packing import to_matmulnbits
+        from omni_export.quant.packing import to_matmulnbits
 
         blob, scales, zeros = to_matmulnbits(w)
         n, k = w.q.shape

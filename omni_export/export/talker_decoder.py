@@ -14,7 +14,7 @@ So:
   and ``logits`` ``[batch, 1, codec vocab]``; ``last_hidden_state`` is the talker's post-norm state.
 - ``talker_embedding``: ``input_ids [batch, sequence] int64 -> inputs_embeds [batch, sequence,
   embedding_size]``, a Gather on the codec table. The host adds the result to the thinker-side
-  vectors before the decoder (``omni_runtime.talker``).
+  vectors before the decoder (``omni_runtime.stages.talker``).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ..checkpoint import Checkpoint
-from .decoder_graph import LINEARS, TextDims, build_decoder_graph
-from .decoder_weights import DecoderWeights
-from .onnx_graph import GraphBuilder, Linear
-from .onnx_io import ExportedGraph
+from omni_export.checkpoint.reader import Checkpoint
+from omni_export.export.decoder_graph import LINEARS, TextDims, build_decoder_graph
+from omni_export.export.decoder_weights import DecoderWeights
+from omni_export.export.onnx_graph import GraphBuilder, Linear
+from omni_export.export.onnx_io import ExportedGraph
 
-GRAPH_NAME = "talker_decoder"
+from omni_runtime.bundle.names import TALKER_DECODER as GRAPH_NAME
 FILE_NAME = "talker_decoder.onnx"
-EMBEDDING_GRAPH_NAME = "talker_embedding"
+from omni_runtime.bundle.names import TALKER_EMBEDDING as EMBEDDING_GRAPH_NAME
 EMBEDDING_FILE_NAME = "talker_embedding.onnx"
 
 #: Checkpoint prefix of the talker (the same in transformers 4.5x and 5 checkpoints).

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from .decoder_weights import DecoderWeights
-from .thinker_decoder import LINEARS, DecoderLayer
+from omni_export.checkpoint.reader import Checkpoint
+from omni_export.export.decoder_weights import DecoderWeights
+from omni_export.export.thinker_decoder import LINEARS, DecoderLayer
 
 
 class ThinkerWeights(DecoderWeights):

@@ -13,7 +13,7 @@ This is ``Qwen2_5OmniToken2WavDiTModel.forward`` with ``apply_cfg=False``, for a
 Classifier-free guidance runs on the host exactly as transformers batches it: row 0 is the
 conditioned input (codes, the speaker's x-vector, the encoder output of its reference mel), row 1
 the unconditioned one (codes 0, x-vector 0, the encoder output of a zero mel), and the velocity
-is ``cond + (cond - uncond) * guidance_scale`` (``omni_runtime.token2wav``).
+is ``cond + (cond - uncond) * guidance_scale`` (``omni_runtime.stages.token2wav``).
 
 The speaker encoder (ECAPA-TDNN, ``input_embed.spk_encoder``) only ever sees a speaker's
 reference mel or zeros, so it runs at build time, once per speaker (``omni_export.modules.
@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .onnx_graph import GraphBuilder, Linear
-from .onnx_io import ExportedGraph
+from omni_export.export.onnx_graph import GraphBuilder, Linear
+from omni_export.export.onnx_io import ExportedGraph
 
-GRAPH_NAME = "token2wav_dit"
+from omni_runtime.bundle.names import TOKEN2WAV_DIT as GRAPH_NAME
 FILE_NAME = "token2wav_dit.onnx"
 F = ir.DataType.FLOAT
 I64 = ir.DataType.INT64

@@ -13,7 +13,7 @@ Graph IO (docs/bundle-format.md, ``vision_encoder``)::
     cu_window_seqlens [windows + 1] int64      cumulative patch counts of the 112-px windows
     -> vision_embeds [merged, out_hidden] float32   one row per LLM token, in the original order
 
-The host computes the four index inputs from the grids (``omni_runtime.vision_prep.encoder_inputs``)
+The host computes the four index inputs from the grids (``omni_runtime.media.vision_prep.encoder_inputs``)
 exactly as transformers' ``Qwen2_5OmniVisionEncoder`` does (``transformers.vision_utils``).
 Inside the graph, attention is confined to segments (frames, or windows) without any per-shape
 constant: from a ``cu`` vector the graph derives each segment's start, length and key mask, and a
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .onnx_graph import GraphBuilder, Linear
-from .onnx_io import ExportedGraph
+from omni_export.export.onnx_graph import GraphBuilder, Linear
+from omni_export.export.onnx_io import ExportedGraph
 
-GRAPH_NAME = "vision_encoder"
+from omni_runtime.bundle.names import VISION_ENCODER as GRAPH_NAME
 FILE_NAME = "vision_encoder.onnx"
 F = ir.DataType.FLOAT
 I64 = ir.DataType.INT64

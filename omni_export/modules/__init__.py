@@ -9,12 +9,12 @@ its host-side preparation, its runtime stage (``omni_runtime/<name>.py``) and it
 
 from __future__ import annotations
 
-from .audio import AudioModule
-from .base import BuildContext, Module
-from .talker import TalkerModule
-from .thinker import ThinkerModule
-from .token2wav import Token2WavModule
-from .vision import VisionModule
+from omni_export.modules.audio import AudioModule
+from omni_export.modules.base import BuildContext, Module
+from omni_export.modules.talker import TalkerModule
+from omni_export.modules.thinker import ThinkerModule
+from omni_export.modules.token2wav import Token2WavModule
+from omni_export.modules.vision import VisionModule
 
 REGISTRY: dict[str, type[Module]] = {ThinkerModule.name: ThinkerModule, AudioModule.name: AudioModule,
                                      TalkerModule.name: TalkerModule, VisionModule.name: VisionModule,

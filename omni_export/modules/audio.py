@@ -1,8 +1,8 @@
 """The audio module: the thinker's audio encoder (``audio_tower``) as the ``audio_encoder`` graph.
 
-Recipe section ``modules.audio`` (omni_export/recipes.py): ``weights: float32`` (the only choice
+Recipe section ``modules.audio`` (omni_export/build/recipes.py): ``weights: float32`` (the only choice
 for now). The manifest's ``config.audio`` block holds every constant the host needs to turn a
-waveform into the graph's inputs (``omni_runtime.audio_prep``): the Whisper feature extractor
+waveform into the graph's inputs (``omni_runtime.media.audio_prep``): the Whisper feature extractor
 settings of ``preprocessor_config.json``, the chunk size (``n_window``) and the width of an
 audio token (``output_dim``, the thinker's hidden size).
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checkpoint import CheckpointError
-from ..export import audio_encoder
-from ..export.audio_encoder import AudioDims, AudioLayer, AudioStem
-from ..export.onnx_graph import Linear
-from ..recipes import RecipeError
-from .base import BuildContext, Module
+from omni_export.checkpoint.reader import CheckpointError
+from omni_export.export import audio_encoder
+from omni_export.export.audio_encoder import AudioDims, AudioLayer, AudioStem
+from omni_export.export.onnx_graph import Linear
+from omni_export.build.recipes import RecipeError
+from omni_export.modules.base import BuildContext, Module
 
 PREFIXES = ("thinker.audio_tower.", "thinker.model.audio_tower.")  # transformers 4.5x, 5.x names
 #: preprocessor_config.json key -> (config.audio key, default: WhisperFeatureExtractor's for Qwen2.5-Omni)

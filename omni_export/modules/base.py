@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ..checkpoint import Checkpoint
-from ..recipes import CalibrationRecipe, ModuleRecipe, Recipe
+from omni_export.checkpoint.reader import Checkpoint
+from omni_export.build.recipes import CalibrationRecipe, ModuleRecipe, Recipe
 
 
 @dataclass

@@ -8,7 +8,7 @@ A checkpoint without a talker, i.e. ``enable_audio_output: false`` in config.jso
 leaves the module out (no graphs, no ``config.talker``). A talker whose tensors are only partly
 present is an error.
 
-The manifest's ``config.talker`` block holds what ``omni_runtime.talker`` needs besides the
+The manifest's ``config.talker`` block holds what ``omni_runtime.stages.talker`` needs besides the
 graphs: the decoder's shapes, the codec ids (bos/eos/pad/mask), the thinker-vocabulary ids of
 the talker's text stream (eos/pad), the stop and suppressed codes, and transformers'
 ``Qwen2_5OmniForConditionalGeneration.generate`` sampling defaults for the talker.
@@ -16,11 +16,11 @@ the talker's text stream (eos/pad), the stop and suppressed codes, and transform
 
 from __future__ import annotations
 
-from ..checkpoint import CheckpointError
-from ..export import talker_decoder
-from ..export.talker_decoder import TalkerWeights, talker_dims
-from ..recipes import RecipeError
-from .base import BuildContext, Module
+from omni_export.checkpoint.reader import CheckpointError
+from omni_export.export import talker_decoder
+from omni_export.export.talker_decoder import TalkerWeights, talker_dims
+from omni_export.build.recipes import RecipeError
+from omni_export.modules.base import BuildContext, Module
 
 #: ``Qwen2_5OmniForConditionalGeneration.generate``'s talker defaults (transformers 5,
 #: modeling_qwen2_5_omni.py): talker_do_sample, talker_top_k, talker_top_p, talker_temperature,

@@ -1,6 +1,6 @@
 """The thinker module: token embedding graph + decoder graph, compiled one layer at a time.
 
-Recipe section ``modules.thinker`` (omni_export/recipes.py) decides the weights:
+Recipe section ``modules.thinker`` (omni_export/build/recipes.py) decides the weights:
 
 - ``weights: float32``: the checkpoint's weights in float32;
 - ``weights: int4, method: rtn``: block-wise round-to-nearest int4 per linear;
@@ -21,13 +21,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..checkpoint import CheckpointError
-from ..export import thinker_decoder, thinker_embedding
-from ..export.onnx_graph import Linear
-from ..export.thinker_decoder import LINEARS, DecoderLayer, TextDims
-from ..recipes import RecipeError
-from ..quant.types import QuantWeight
-from .base import BuildContext, Module
+from omni_export.checkpoint.reader import CheckpointError
+from omni_export.export import thinker_decoder, thinker_embedding
+from omni_export.export.onnx_graph import Linear
+from omni_export.export.thinker_decoder import LINEARS, DecoderLayer, TextDims
+from omni_export.build.recipes import RecipeError
+from omni_export.quant.types import QuantWeight
+from omni_export.modules.base import BuildContext, Module
 
 TABLE_BITS = {"int8": 8, "int4": 4}
 ROWS_PER_SLICE = 8192
@@ -44,7 +44,7 @@ class ThinkerModule(Module):
     # -- checks and estimates ---------------------------------------------------------------
     def check(self) -> None:
         try:  # TEMP until quant.autoawq_checkpoint lands
-            from ..quant.autoawq_checkpoint import detect_autoawq
+            from omni_export.quant.autoawq_checkpoint import detect_autoawq
         except ImportError:
             detect_autoawq = lambda raw: None  # noqa: E731
 
@@ -85,7 +85,7 @@ class ThinkerModule(Module):
         thinker = self.ckpt.config.thinker_config
         return {
             **d.manifest_config(),
-            # TMRoPE constants (omni_runtime.rope.RopeConfig)
+            # TMRoPE constants (omni_runtime.prompt.rope.RopeConfig)
             "position_id_per_seconds": int(getattr(thinker, "position_id_per_seconds", 25)),
             "seconds_per_chunk": int(getattr(thinker, "seconds_per_chunk", 2)),
             "spatial_merge_size": int(thinker.vision_config.spatial_merge_size),
@@ -93,7 +93,7 @@ class ThinkerModule(Module):
 
     # -- weights ----------------------------------------------------------------------------
     def _quantize(self, weight: np.ndarray, bits: int, clip=None) -> QuantWeight:
-        from ..quant import rtn
+        from omni_export.quant import rtn
 
         # Rows are independent: quantize in slices so the temporaries stay small next to the
         # embedding table / lm_head (152064 x 3584 floats for the real 7B).
@@ -134,13 +134,13 @@ class ThinkerModule(Module):
             for i in range(weights.num_layers):
                 yield self._quantize_layer(i, weights.float_layer(i))
         else:  # awq
-            from ..quant.awq_pipeline import awq_layers
+            from omni_export.quant.awq_pipeline import awq_layers
 
             yield from awq_layers(self, ctx, weights)
 
     def _autoawq_layer(self, weights, i: int) -> DecoderLayer:
         """Layer ``i`` of an AutoAWQ checkpoint: its int4 linears exactly as stored, norms and biases in float."""
-        from ..quant.autoawq_checkpoint import read_autoawq_linear
+        from omni_export.quant.autoawq_checkpoint import read_autoawq_linear
 
         p = f"layers.{i}."
         t = weights.read([f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"])
@@ -164,7 +164,7 @@ class ThinkerModule(Module):
 
     # -- build ------------------------------------------------------------------------------
     def build(self, ctx: BuildContext) -> dict:
-        from ..export.thinker_weights import ThinkerWeights
+        from omni_export.export.thinker_weights import ThinkerWeights
 
         s = self.settings
         weights = ThinkerWeights(self.ckpt)

@@ -17,7 +17,7 @@ reads them) under ``token2wav_speakers/``. Per speaker:
 - the talker's text-stream start token ``bos_token``, in the manifest.
 
 The manifest's ``config.token2wav`` block (``config()``) holds the constants of the host-side ODE
-and streaming (``omni_runtime.token2wav``) and the speakers. A checkpoint without a talker
+and streaming (``omni_runtime.stages.token2wav``) and the speakers. A checkpoint without a talker
 (``enable_audio_output: false``, or no ``token2wav.*`` tensors) builds a text-only bundle:
 ``skip_reason()`` says why and the module is left out.
 """
@@ -28,13 +28,13 @@ import re
 
 import numpy as np
 
-from ..checkpoint import CheckpointError
-from ..export import token2wav_bigvgan, token2wav_dit
-from ..export.onnx_graph import Linear
-from ..export.token2wav_bigvgan import AMPBlock, BigVGANDims, BigVGANWeights, Conv, Snake
-from ..export.token2wav_dit import DiTDims, DiTLayer, DiTWeights
-from ..recipes import RecipeError
-from .base import BuildContext, Module
+from omni_export.checkpoint.reader import CheckpointError
+from omni_export.export import token2wav_bigvgan, token2wav_dit
+from omni_export.export.onnx_graph import Linear
+from omni_export.export.token2wav_bigvgan import AMPBlock, BigVGANDims, BigVGANWeights, Conv, Snake
+from omni_export.export.token2wav_dit import DiTDims, DiTLayer, DiTWeights
+from omni_export.build.recipes import RecipeError
+from omni_export.modules.base import BuildContext, Module
 
 DIT_PREFIX = "token2wav.code2wav_dit_model."
 BIGVGAN_PREFIX = "token2wav.code2wav_bigvgan_model."

@@ -1,22 +1,22 @@
 """The vision module: the thinker's vision encoder (images and videos) as one graph.
 
 Recipe section ``modules.vision``: ``weights: float32`` (the only choice for now, enforced by the
-recipe schema, ``omni_export.recipes.MODULES``). The blocks are read from the checkpoint one at
+recipe schema, ``omni_export.build.recipes.MODULES``). The blocks are read from the checkpoint one at
 a time and written to the graph's external data.
 
 The manifest's ``config.vision`` block holds every constant the host needs to prepare inputs
-(``omni_runtime.vision_prep``): the encoder's shapes, the image processor's values from
+(``omni_runtime.media.vision_prep``): the encoder's shapes, the image processor's values from
 ``preprocessor_config.json`` (pixel limits, mean/std, rescale factor, resampling) and the video
 sampling defaults of qwen-omni-utils (fps, frame factor, frame and pixel limits).
 """
 
 from __future__ import annotations
 
-from ..checkpoint import CheckpointError
-from ..export import vision_encoder
-from ..export.onnx_graph import Linear
-from ..export.vision_encoder import ACTIVATIONS, VisionBlock, VisionDims, VisionWeights
-from .base import BuildContext, Module
+from omni_export.checkpoint.reader import CheckpointError
+from omni_export.export import vision_encoder
+from omni_export.export.onnx_graph import Linear
+from omni_export.export.vision_encoder import ACTIVATIONS, VisionBlock, VisionDims, VisionWeights
+from omni_export.modules.base import BuildContext, Module
 
 PREFIXES = ("thinker.visual.", "thinker.model.visual.")  # 4.5x checkpoints, transformers 5 names
 

@@ -21,7 +21,7 @@ from omni_export.quant.packing import unpack_autoawq
 from omni_export.quant.types import QuantWeight
 
 if TYPE_CHECKING:  # pragma: no cover
-    from omni_export.checkpoint import Checkpoint
+    from omni_export.checkpoint.reader import Checkpoint
 
 __all__ = ["AutoAwqError", "detect_autoawq", "is_autoawq_linear", "read_autoawq_linear"]
 

@@ -1,6 +1,6 @@
 """AWQ over the whole thinker, one decoder layer at a time (the ``awq`` recipe's weight stream).
 
-Calibration token ids (``omni_export.calibration``) are embedded with the checkpoint's table;
+Calibration token ids (``omni_export.build.calibration``) are embedded with the checkpoint's table;
 then for each layer: its float weights are read from the safetensors files into a
 transformers ``Qwen2_5OmniDecoderLayer``, ``awq_layer`` searches and folds the scales and
 searches the clipping values, the layer's output on the calibration states becomes the next
@@ -17,16 +17,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..export.onnx_graph import Linear
-from ..export.thinker_decoder import LINEARS, DecoderLayer
-from ..export.thinker_weights import torch_decoder_layer
-from .awq import AwqConfig, AwqStats, awq_layer, layer_kwargs_for
+from omni_export.export.onnx_graph import Linear
+from omni_export.export.thinker_decoder import LINEARS, DecoderLayer
+from omni_export.export.thinker_weights import torch_decoder_layer
+from omni_export.quant.awq import AwqConfig, AwqStats, awq_layer, layer_kwargs_for
 
 
 def calibration_ids(module, ctx) -> np.ndarray:
     """[samples, sequence_length] int64 token ids of the recipe's calibration conversations."""
-    from ..calibration import calibration_batch, calibration_messages
-    from ..checkpoint_info import chat_template
+    from omni_export.build.calibration import calibration_batch, calibration_messages
+    from omni_export.checkpoint.info import chat_template
 
     calib = ctx.recipe.calibration
     return calibration_batch(calibration_messages(calib), module.ckpt.root / "tokenizer.json",

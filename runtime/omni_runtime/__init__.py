@@ -5,7 +5,7 @@ only when a graph is loaded). ``load_manifest`` opens and validates a bundle dir
 """
 
 from omni_runtime.errors import BundleError, OmniError
-from omni_runtime.manifest import Manifest, load_manifest
+from omni_runtime.bundle.manifest import Manifest, load_manifest
 
 __version__ = "0.1.0"
 

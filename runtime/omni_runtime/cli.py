@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__
-from .errors import BundleError, InputError, OmniError
-from .sessions import DEVICES
+from omni_runtime import __version__
+from omni_runtime.errors import BundleError, InputError, OmniError
+from omni_runtime.bundle.sessions import DEVICES
 
 # API parameter -> command-line flag, for error messages.
 FLAGS = {
@@ -285,7 +285,7 @@ def run_chat(opts: RunOptions, stdout: TextIO | None = None):
 
     Raises OmniError (InputError, BundleError) for bad input, before any graph runs.
     """
-    from .runner import OmniRunner
+    from omni_runtime.runner import OmniRunner
 
     stdout = sys.stdout if stdout is None else stdout
     check_run_options(opts)

@@ -21,9 +21,9 @@ expanded prompt (one position per audio, image and video token).
 
 Media are decoded and their token counts known before any graph runs; the audio and vision
 encoder sessions are created only when a request has that modality and released before the
-thinker decodes (``omni_runtime.media_prompt``).
+thinker decodes (``omni_runtime.prompt.media_prompt``).
 
-Speech out (bundles with a talker and token2wav, ``omni_runtime.speech``)::
+Speech out (bundles with a talker and token2wav, ``omni_runtime.stages.speech``)::
 
     # the whole answer, as transformers' generate(return_audio): RK4, one token2wav run
     result = runner.chat("Hello", speech=True, speaker="Ethan", noise_seed=0)
@@ -50,12 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat import ChatTemplate, build_messages
-from .errors import BundleError, InputError
-from .manifest import load_manifest, verify_file
-from .sampling import SamplingConfig
-from .sessions import SessionPool, SessionSettings, select_providers
-from .thinker import ThinkerGenerator
+from omni_runtime.prompt.chat import ChatTemplate, build_messages
+from omni_runtime.errors import BundleError, InputError
+from omni_runtime.bundle.manifest import load_manifest, verify_file
+from omni_runtime.stages.sampling import SamplingConfig
+from omni_runtime.bundle.sessions import SessionPool, SessionSettings, select_providers
+from omni_runtime.stages.thinker import ThinkerGenerator
 
 
 FINISH_REASONS = ("eos", "length", "context")
@@ -359,15 +359,15 @@ class OmniRunner:
     @property
     def has_speech(self) -> bool:
         """True if this bundle can speak (talker and token2wav graphs)."""
-        from .speech import has_speech
+        from omni_runtime.stages.speech import has_speech
 
         return has_speech(self.manifest)
 
     def speech_pipeline(self):
-        """The bundle's ``omni_runtime.speech.SpeechPipeline`` (BundleError for a text-only bundle); no
+        """The bundle's ``omni_runtime.stages.speech.SpeechPipeline`` (BundleError for a text-only bundle); no
         session is created until speech runs."""
         if self._speech is None:
-            from .speech import SpeechPipeline
+            from omni_runtime.stages.speech import SpeechPipeline
 
             self._speech = SpeechPipeline(self.manifest, self.pool)
         return self._speech
@@ -385,7 +385,7 @@ class OmniRunner:
         sampling = self.default_sampling() if sampling is None else sampling
         if not isinstance(sampling, SamplingConfig):
             raise InputError(f"sampling must be a SamplingConfig or None, got {type(sampling).__name__}",
-                             fix="pass omni_runtime.sampling.SamplingConfig(...)", param="sampling")
+                             fix="pass omni_runtime.stages.sampling.SamplingConfig(...)", param="sampling")
         sampling.validate()
         if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
             raise InputError(f"seed must be an integer >= 0, got {seed!r}", fix="pass a seed >= 0 (or None)",
@@ -430,7 +430,7 @@ class OmniRunner:
         result = ChatResult(answer, inputs.ids, ids, out.finish_reasons[0], prompt=inputs.text, media=inputs.media)
         if voice is None:
             return result
-        from .speech import SpeechOutput
+        from omni_runtime.stages.speech import SpeechOutput
 
         pipeline = self.speech_pipeline()
         spoken = SpeechOutput(codes=[], audio=np.zeros(0, np.float32), sample_rate=pipeline.sample_rate)
@@ -472,10 +472,10 @@ class OmniRunner:
         if prompt is not None:
             raise InputError("prompt and messages were both given",
                              fix="pass the prompt as a text part of the last user message", param="prompt")
-        from .audio_encoder import AudioEncoder
-        from .media_prompt import media_items, normalize_messages, prepare_media
-        from .multimodal import MediaTokens, expand_placeholders
-        from .vision_encoder import vision_config
+        from omni_runtime.stages.audio_encoder import AudioEncoder
+        from omni_runtime.prompt.media_prompt import media_items, normalize_messages, prepare_media
+        from omni_runtime.prompt.multimodal import MediaTokens, expand_placeholders
+        from omni_runtime.stages.vision_encoder import vision_config
 
         checked = normalize_messages(messages, system, self.default_system_prompt)
         items = media_items(checked)
@@ -497,10 +497,10 @@ class OmniRunner:
 
     def _encode_media(self, inputs: PromptInputs, prepared) -> None:
         """Run the encoders (each released right after), embed the ids, merge, compute positions."""
-        from .media_prompt import encode_media, rope_config, rope_inputs
-        from .multimodal import MediaTokens, merge_embeddings
-        from .rope import rope_index
-        from .thinker import EMBEDDING
+        from omni_runtime.prompt.media_prompt import encode_media, rope_config, rope_inputs
+        from omni_runtime.prompt.multimodal import MediaTokens, merge_embeddings
+        from omni_runtime.prompt.rope import rope_index
+        from omni_runtime.bundle.names import THINKER_EMBEDDING as EMBEDDING
 
         features = encode_media(prepared, self.manifest, self.pool)
         ids = np.asarray([inputs.ids], dtype=np.int64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from omni_runtime.errors import BundleError, InputError, OmniError
-from omni_runtime.manifest import GraphSpec, Manifest, verify_file
+from omni_runtime.bundle.manifest import GraphSpec, Manifest, verify_file
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

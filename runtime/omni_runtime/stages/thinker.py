@@ -1,7 +1,7 @@
 """Thinker text generation over the bundle's ``thinker_embedding`` and ``thinker_decoder`` graphs.
 
-The host owns the KV cache (``omni_runtime.kv_decoder``: preallocated buffers updated in place),
-the positions (``omni_runtime.rope``) and the token choice (``omni_runtime.sampling``). Each row
+The host owns the KV cache (``omni_runtime.stages.kv_decoder``: preallocated buffers updated in place),
+the positions (``omni_runtime.prompt.rope``) and the token choice (``omni_runtime.stages.sampling``). Each row
 of a batch has its own cache and is stepped in lockstep with the others; the token choice sees
 the batch as transformers' left-padded generation does.
 """
@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
-from .manifest import Manifest
-from .rope import next_position_ids, text_position_ids
-from .sampling import SamplingConfig, next_tokens
-from .kv_decoder import DEFAULT_PREFILL_CHUNK, KVDecoder
-from .sessions import SessionPool, import_onnxruntime, io_binding_enabled
+from omni_runtime.errors import InputError
+from omni_runtime.bundle.manifest import Manifest
+from omni_runtime.prompt.rope import next_position_ids, text_position_ids
+from omni_runtime.stages.sampling import SamplingConfig, next_tokens
+from omni_runtime.stages.kv_decoder import DEFAULT_PREFILL_CHUNK, KVDecoder
+from omni_runtime.bundle.sessions import SessionPool, import_onnxruntime, io_binding_enabled
 
-EMBEDDING = "thinker_embedding"
-DECODER = "thinker_decoder"
+from omni_runtime.bundle.names import THINKER_DECODER as DECODER
+from omni_runtime.bundle.names import THINKER_EMBEDDING as EMBEDDING
 
 
 @dataclass
@@ -49,6 +49,8 @@ class Generation:
     token_ids: list[list[int]]
     finish_reasons: list[str]  # "eos" or "length"
     states: list[ThinkerStates] | None = None  # per row, with keep_states=True
+    #: per row, the logits [steps, vocab] each token was chosen from (with forced_ids)
+    logits: list[np.ndarray] | None = None
 
 
 class ThinkerGenerator:
@@ -94,6 +96,7 @@ class ThinkerGenerator:
         prompt_positions: list[np.ndarray] | None = None,
         rope_deltas: list[int] | None = None,
         keep_states: bool = False,
+        forced_ids: list[list[int]] | None = None,
     ) -> Generation:
         """Generate up to ``max_new_tokens`` for each prompt; ``on_step`` sees each new id batch.
 
@@ -102,17 +105,27 @@ class ThinkerGenerator:
 
         For multimodal prompts the caller passes, per row, the merged ``prompt_embeds``
         ``[seq, hidden]`` (encoder features spliced in at their placeholders), the TMRoPE
-        ``prompt_positions`` ``[3, seq]`` and the ``rope_deltas`` (``omni_runtime.rope.rope_index``);
+        ``prompt_positions`` ``[3, seq]`` and the ``rope_deltas`` (``omni_runtime.prompt.rope.rope_index``);
         decode positions then continue at ``cache length + delta``. Text prompts need none of them.
 
         ``keep_states`` also returns, per row, the input embeddings and post-norm hidden states
         the talker needs (``Generation.states``, see ``ThinkerStates``).
+
+        ``forced_ids`` (teacher forcing, one list of ``max_new_tokens`` ids per row) feeds those
+        ids instead of choosing, eos included, and returns the logits each was scored with
+        (``Generation.logits``): what ``score`` and ``omni-export verify`` compare.
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}", fix="ask for 1 or more new tokens")
         sampling.validate()
         rng = np.random.default_rng(seed)
         ids, mask = self._pad(prompts)
+        forced, scored = None, []
+        if forced_ids is not None:
+            if len(forced_ids) != len(prompts) or any(len(f) != max_new_tokens for f in forced_ids):
+                raise InputError(f"forced_ids needs {max_new_tokens} ids for each of the {len(prompts)} prompts",
+                                 fix="pass one list of max_new_tokens ids per prompt", param="forced_ids")
+            forced = np.asarray(forced_ids, dtype=np.int64).reshape(len(prompts), max_new_tokens)
         batch = ids.shape[0]
         embed = self.pool.get(EMBEDDING)
         decoder = self._decoder()
@@ -144,6 +157,9 @@ class ThinkerGenerator:
             logits.append(row_logits)
 
         def choose(step_logits, history, history_mask):
+            if forced is not None:
+                scored.append(np.array(step_logits, dtype=np.float32))
+                return forced[:, len(scored) - 1]
             return next_tokens(step_logits, history, sampling, rng, attention_mask=history_mask)
 
         def next_inputs(new, live):
@@ -159,7 +175,8 @@ class ThinkerGenerator:
         def on_hidden(row, hidden):
             kept_hidden[row].append(hidden[0])
 
-        decoded = decoder.decode(caches, np.stack(logits), ids, choose, next_inputs, max_new_tokens, self.eos_ids,
+        eos_ids = self.eos_ids if forced is None else ()  # forced rows run to the end
+        decoded = decoder.decode(caches, np.stack(logits), ids, choose, next_inputs, max_new_tokens, eos_ids,
                                  self.pad_id, mask=mask, on_step=on_step, on_hidden=on_hidden if keep_states else None,
                                  limit_reason=limit_reason)
         states = None
@@ -167,7 +184,15 @@ class ThinkerGenerator:
             states = [ThinkerStates(list(prompt), decoded.token_ids[row], np.concatenate(kept_embeds[row]),
                                     np.concatenate(kept_hidden[row]), kept_positions[row])
                       for row, prompt in enumerate(prompts)]
-        return Generation(decoded.token_ids, decoded.finish_reasons, states)
+        row_logits = None if forced is None else list(np.stack(scored, axis=1))
+        return Generation(decoded.token_ids, decoded.finish_reasons, states, row_logits)
+
+    def score(self, prompt: list[int], continuation: list[int]) -> np.ndarray:
+        """Teacher forcing: the logits ``[len(continuation), vocab]`` predicting each continuation
+        token after ``prompt`` and the continuation tokens before it (one prefill, then one
+        cached step per token, as generation runs)."""
+        out = self.generate([list(prompt)], len(continuation), forced_ids=[list(continuation)])
+        return out.logits[0]
 
     def _talker_embeds(self, prompt_ids: np.ndarray, embeds: np.ndarray) -> np.ndarray:
         """The prompt embeddings with audio/image/video placeholder positions zeroed (a copy)."""

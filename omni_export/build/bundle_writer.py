@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omni_runtime.errors import OmniError
-from omni_runtime.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, validate_relpath
+from omni_runtime.bundle.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, validate_relpath
 
-from . import __version__
+from omni_export import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .export.onnx_io import ExportedGraph
+    from omni_export.export.onnx_io import ExportedGraph
 
 PARTIAL = "partial"
 

@@ -49,11 +49,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BundleError, InputError
-from .manifest import Manifest, verify_file
+from omni_runtime.errors import BundleError, InputError
+from omni_runtime.bundle.manifest import Manifest, verify_file
 
-DIT_GRAPH = "token2wav_dit"
-BIGVGAN_GRAPH = "token2wav_bigvgan"
+from omni_runtime.bundle.names import TOKEN2WAV_BIGVGAN as BIGVGAN_GRAPH
+from omni_runtime.bundle.names import TOKEN2WAV_DIT as DIT_GRAPH
 SOLVERS = ("rk4", "euler")
 SPEAKER_TENSORS = ("speaker_embedding", "reference_embedding", "null_reference_embedding")
 CFG_THRESHOLD = 1e-5  # transformers: guidance_scale < 1e-5 runs the conditioned row only

@@ -33,7 +33,7 @@ class CalibrationError(OmniError):
 
 def builtin_messages() -> list[list[dict]]:
     """The built-in calibration conversations (messages lists)."""
-    ref = resources.files("omni_export") / BUILTIN_FILE
+    ref = resources.files("omni_export.build") / BUILTIN_FILE
     return parse_calibration_text(ref.read_text(encoding="utf-8"), f"omni_export/{BUILTIN_FILE}")
 
 
@@ -123,7 +123,7 @@ def _kind(value) -> str:
 
 
 def calibration_messages(calibration) -> list[list[dict]]:
-    """The conversations of a recipe's :class:`~omni_export.recipes.CalibrationRecipe`."""
+    """The conversations of a recipe's :class:`~omni_export.build.recipes.CalibrationRecipe`."""
     return builtin_messages() if calibration.file is None else load_calibration_file(calibration.file)
 
 
@@ -133,7 +133,7 @@ def tokenize_conversations(messages_list: list[list[dict]], tokenizer_json_path:
     with ``tokenizer.json`` as transformers' ``apply_chat_template(..., tokenize=True)`` does."""
     from tokenizers import Tokenizer
 
-    from omni_runtime.chat import ChatTemplate
+    from omni_runtime.prompt.chat import ChatTemplate
 
     template = ChatTemplate(chat_template_text)
     tokenizer = Tokenizer.from_file(os.fspath(tokenizer_json_path))

@@ -377,7 +377,7 @@ def _features(features_list, n_mels: int | None) -> list[np.ndarray]:
         if f.ndim != 2 or (n_mels is not None and f.shape[0] != n_mels):
             want = f"[{n_mels if n_mels is not None else 'n_mels'}, frames]"
             raise InputError(f"audio features {i} have shape {f.shape}, expected {want}", param="features",
-                             fix="compute them with omni_runtime.audio_prep.log_mel")
+                             fix="compute them with omni_runtime.media.audio_prep.log_mel")
         tokens = audio_token_counts([f.shape[1]])[0]
         if tokens < 1:
             raise InputError(f"audio {i} is too short: {f.shape[1]} mel frames give no audio token", param="audio",

@@ -6,7 +6,7 @@ and check them against config.json; the bundle records the results in its manife
 
 from __future__ import annotations
 
-from .checkpoint import Checkpoint, CheckpointError
+from omni_export.checkpoint.reader import Checkpoint, CheckpointError
 
 # manifest name -> token text, with the thinker config key that must agree (if any)
 SPECIAL_TOKENS = {

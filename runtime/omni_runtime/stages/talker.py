@@ -35,17 +35,19 @@ from numbers import Integral
 
 import numpy as np
 
-from .errors import BundleError, InputError
-from .kv_decoder import DEFAULT_PREFILL_CHUNK, KVDecoder
-from .manifest import REBUILD_FIX, Manifest
-from .sampling import SamplingConfig, next_tokens, process_logits
-from .sessions import SessionPool, import_onnxruntime, io_binding_enabled
-from .thinker import EMBEDDING as THINKER_EMBEDDING
-from .thinker import ThinkerStates
+from omni_runtime.errors import BundleError, InputError
+from omni_runtime.stages.kv_decoder import DEFAULT_PREFILL_CHUNK, KVDecoder
+from omni_runtime.bundle.manifest import REBUILD_FIX, Manifest
+from omni_runtime.stages.sampling import SamplingConfig, next_tokens, process_logits
+from omni_runtime.bundle.sessions import SessionPool, import_onnxruntime, io_binding_enabled
+from omni_runtime.bundle.names import THINKER_EMBEDDING
+from omni_runtime.stages.thinker import ThinkerStates
 
-DECODER = "talker_decoder"
-EMBEDDING = "talker_embedding"
-GRAPHS = (EMBEDDING, DECODER)
+from omni_runtime.bundle.names import MODULE_GRAPHS
+from omni_runtime.bundle.names import TALKER_DECODER as DECODER
+from omni_runtime.bundle.names import TALKER_EMBEDDING as EMBEDDING
+
+GRAPHS = MODULE_GRAPHS["talker"]
 
 NO_TALKER_FIX = ("build the bundle from a checkpoint with a talker (enable_audio_output true and its talker "
                  "weights) and a recipe with modules.talker, or ask for text only")

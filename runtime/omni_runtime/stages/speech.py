@@ -1,7 +1,7 @@
 """Speech out: the thinker's reply -> talker codes -> token2wav waveform, whole or streamed.
 
 ``OmniRunner.chat(..., speech=True)`` and ``OmniRunner.speak`` drive this module; it joins the
-pieces tested on their own (``omni_runtime.talker``, ``omni_runtime.token2wav``):
+pieces tested on their own (``omni_runtime.stages.talker``, ``omni_runtime.stages.token2wav``):
 
 - **whole** (``stream=False``): the talker generates every code, then token2wav solves them in
   one ODE run (default solver ``rk4``, ``config.token2wav.ode.solver``) and vocodes the mel in
@@ -21,7 +21,7 @@ The sessions of the talker (``talker_embedding``, ``talker_decoder``) and of tok
 when it ends, on success, on error and when a stream is closed early.
 
 Noise: token2wav's initial state is drawn from ``numpy.random.default_rng(noise_seed)``
-(``omni_runtime.token2wav.NoiseSequence``): the same seed gives the same audio.
+(``omni_runtime.stages.token2wav.NoiseSequence``): the same seed gives the same audio.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from numbers import Integral
 
 import numpy as np
 
-from .errors import BundleError, InputError
-from .manifest import Manifest
-from .sampling import SamplingConfig
-from .sessions import SessionPool
-from .talker import Talker
-from .thinker import ThinkerStates
-from .token2wav import SOLVERS, Token2Wav
+from omni_runtime.errors import BundleError, InputError
+from omni_runtime.bundle.manifest import Manifest
+from omni_runtime.stages.sampling import SamplingConfig
+from omni_runtime.bundle.sessions import SessionPool
+from omni_runtime.stages.talker import Talker
+from omni_runtime.stages.thinker import ThinkerStates
+from omni_runtime.stages.token2wav import SOLVERS, Token2Wav
 
 NO_SPEECH_FIX = ("ask for text only, or rebuild the bundle from a checkpoint with a talker (enable_audio_output "
                  "true and its talker and token2wav weights) with a recipe that exports modules.talker and "
@@ -51,8 +51,8 @@ _POLL = 0.05  # seconds between checks of the other side while waiting on the co
 
 def has_speech(manifest: Manifest) -> bool:
     """True if the bundle can speak: talker graphs and config, token2wav graphs and config."""
-    from .talker import has_talker
-    from .token2wav import token2wav_config
+    from omni_runtime.stages.talker import has_talker
+    from omni_runtime.stages.token2wav import token2wav_config
 
     if not has_talker(manifest):
         return False
@@ -169,7 +169,7 @@ class SpeechPipeline:
         sampling = self.talker.default_sampling() if sampling is None else sampling
         if not isinstance(sampling, SamplingConfig):
             raise InputError(f"talker_sampling must be a SamplingConfig or None, got {type(sampling).__name__}",
-                             fix="pass omni_runtime.sampling.SamplingConfig(...), or None for the bundle's talker "
+                             fix="pass omni_runtime.stages.sampling.SamplingConfig(...), or None for the bundle's talker "
                                  "defaults", param="talker_sampling")
         sampling.validate()
         max_codes = self.talker.config.max_new_tokens if max_codes is None else max_codes

@@ -177,8 +177,8 @@ def official_stream(token2wav, codes, cond, ref_mel, noise: np.ndarray, steps=10
 
 def build_bundle_for(checkpoint: Path, out: Path) -> Path:
     """An fp32 bundle of ``checkpoint`` with the thinker and token2wav only (fast)."""
-    from omni_export.build import build_bundle
-    from omni_export.recipes import parse_recipe
+    from omni_export.build.pipeline import build_bundle
+    from omni_export.build.recipes import parse_recipe
     import yaml
 
     recipe = parse_recipe(yaml.safe_load(RECIPE), "token2wav-test.yaml")
@@ -186,9 +186,9 @@ def build_bundle_for(checkpoint: Path, out: Path) -> Path:
 
 
 def open_token2wav(bundle: Path):
-    from omni_runtime.manifest import load_manifest
-    from omni_runtime.sessions import SessionPool, SessionSettings
-    from omni_runtime.token2wav import Token2Wav
+    from omni_runtime.bundle.manifest import load_manifest
+    from omni_runtime.bundle.sessions import SessionPool, SessionSettings
+    from omni_runtime.stages.token2wav import Token2Wav
 
     manifest = load_manifest(bundle)
     pool = SessionPool(manifest, ["CPUExecutionProvider"], SessionSettings(intra_op_threads=1))
@@ -202,7 +202,7 @@ _PREPARED: dict = {}
 def prepared(tmp_path_factory):
     """(loud checkpoint, bundle with thinker + token2wav, transformers model): built once per session."""
     if "case" not in _PREPARED:
-        from omni_export.tiny_model import write_tiny_checkpoint
+        from omni_export.testkit.tiny_model import write_tiny_checkpoint
 
         base = tmp_path_factory.mktemp("token2wav")
         tiny = write_tiny_checkpoint(base / "tiny", preset="tiny", seed=5)

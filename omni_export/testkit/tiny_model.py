@@ -12,7 +12,7 @@ transformers' own classes:
   ``thinker.audio_tower...``, ``thinker.visual...``, ``talker...``, ``token2wav...``), written
   tensor by tensor so the weights are never held twice in memory;
 * ``generation_config.json``, ``preprocessor_config.json`` (Whisper features with 128 mel bins +
-  Qwen2-VL image processor), the tokenizer files of :mod:`omni_export.tokenizer_kit` and
+  Qwen2-VL image processor), the tokenizer files of :mod:`omni_export.testkit.tokenizer_kit` and
   ``spk_dict.pt`` (speakers ``Chelsie`` and ``Ethan``).
 
 Presets:
@@ -27,7 +27,7 @@ Presets:
 
 The directory is built next to ``out_dir`` under a hidden ``.<name>.partial-<pid>-<random>`` name
 and renamed into place at the end, so an interrupted run never leaves a half-written checkpoint
-(a failure or, under :func:`omni_export.bundle.exit_on_signals`, SIGINT/SIGTERM removes it; one
+(a failure or, under :func:`omni_export.build.bundle_writer.exit_on_signals`, SIGINT/SIGTERM removes it; one
 left by a killed process is removed by the next run once that process is gone).
 """
 
@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omni_export import tokenizer_kit
+from omni_export.testkit import tokenizer_kit
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -668,7 +668,7 @@ def write_tiny_checkpoint(
         raise FileExistsError(
             f"{out_dir} already exists and is not empty; choose a new directory or remove it first"
         )
-    from omni_export.bundle import (clean_stale_partials, make_parents, partial_prefix, remove_created,
+    from omni_export.build.bundle_writer import (clean_stale_partials, make_parents, partial_prefix, remove_created,
                                     signals_deferred, track_temporary, untrack_temporary)
 
     clean_stale_partials(out_dir)

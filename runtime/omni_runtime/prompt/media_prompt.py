@@ -29,11 +29,12 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from .audio_prep import AudioConfig, audio_features, audio_token_counts
-from .errors import InputError
-from .multimodal import Placeholders
-from .rope import RopeConfig
-from .vision_prep import VisionConfig, VisionInput, load_video, preprocess_image
+from omni_runtime.media.audio_prep import AudioConfig, audio_features, audio_token_counts
+from omni_runtime.errors import InputError
+from omni_runtime.bundle.names import VISION_ENCODER
+from omni_runtime.prompt.multimodal import Placeholders
+from omni_runtime.prompt.rope import RopeConfig
+from omni_runtime.media.vision_prep import VisionConfig, VisionInput, load_video, preprocess_image
 
 ROLES = ("system", "user", "assistant")
 MEDIA_KINDS = ("audio", "image", "video")
@@ -282,8 +283,8 @@ def encode_media(prepared: PreparedMedia, manifest, pool) -> dict[str, np.ndarra
 
     Each encoder session is created only if its modality is present and released right after,
     before the thinker decodes."""
-    from .audio_encoder import AudioEncoder
-    from .vision_encoder import VisionEncoder
+    from omni_runtime.stages.audio_encoder import AudioEncoder
+    from omni_runtime.stages.vision_encoder import VisionEncoder
 
     out: dict[str, np.ndarray | None] = {"audio": None, "image": None, "video": None}
     if prepared.has_audio:
@@ -292,7 +293,7 @@ def encode_media(prepared: PreparedMedia, manifest, pool) -> dict[str, np.ndarra
     if prepared.has_vision:
         encoder = VisionEncoder(manifest, pool)
         rows = encoder.encode_inputs([*prepared.images, *prepared.videos])
-        pool.release("vision_encoder")
+        pool.release(VISION_ENCODER)
         n = len(prepared.images)
         if n:
             out["image"] = np.concatenate(rows[:n])

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BundleError, InputError
-from .manifest import GraphSpec
+from omni_runtime.errors import BundleError, InputError
+from omni_runtime.bundle.manifest import GraphSpec
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 DEFAULT_PREFILL_CHUNK = 256

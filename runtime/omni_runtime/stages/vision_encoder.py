@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from omni_runtime.errors import BundleError, InputError
-from omni_runtime.manifest import REBUILD_FIX, Manifest
-from omni_runtime.vision_prep import VisionConfig, VisionInput, concat_inputs, encoder_inputs, token_count
+from omni_runtime.bundle.manifest import REBUILD_FIX, Manifest
+from omni_runtime.media.vision_prep import VisionConfig, VisionInput, concat_inputs, encoder_inputs, token_count
 
-GRAPH_NAME = "vision_encoder"
+from omni_runtime.bundle.names import VISION_ENCODER as GRAPH_NAME
 OUTPUT_NAME = "vision_embeds"
 
 

@@ -450,7 +450,7 @@ def _parse_calibration(raw, bad, source: str, base: Path | None) -> CalibrationR
 
 def _file_calibration(cal: CalibrationRecipe, path: Path, recipe_source: str | None = None) -> CalibrationRecipe:
     """``cal`` reading ``path``, whose content is checked now (a CalibrationError otherwise)."""
-    from .calibration import load_calibration_file
+    from omni_export.build.calibration import load_calibration_file
 
     if not path.is_file():
         raise RecipeError("calibration file does not exist", path=path,

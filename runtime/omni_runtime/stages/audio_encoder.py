@@ -11,12 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from omni_runtime.audio_prep import AudioConfig, audio_features, encoder_inputs, split_tokens
+from omni_runtime.media.audio_prep import AudioConfig, audio_features, encoder_inputs, split_tokens
 from omni_runtime.errors import BundleError
-from omni_runtime.manifest import REBUILD_FIX, Manifest
-from omni_runtime.sessions import SessionPool
+from omni_runtime.bundle.manifest import REBUILD_FIX, Manifest
+from omni_runtime.bundle.sessions import SessionPool
 
-GRAPH_NAME = "audio_encoder"
+from omni_runtime.bundle.names import AUDIO_ENCODER as GRAPH_NAME
 OUTPUT = "audio_embeds"
 
 

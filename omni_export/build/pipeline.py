@@ -11,12 +11,12 @@ import gc
 import time
 from pathlib import Path
 
-from omni_runtime.chat import DEFAULT_SYSTEM_PROMPT
+from omni_runtime.prompt.chat import DEFAULT_SYSTEM_PROMPT
 
-from .bundle import BundleWriter
-from .checkpoint import Checkpoint, CheckpointError
-from .checkpoint_info import chat_template, generation_defaults, special_tokens
-from .recipes import Recipe, load_recipe
+from omni_export.build.bundle_writer import BundleWriter
+from omni_export.checkpoint.reader import Checkpoint, CheckpointError
+from omni_export.checkpoint.info import chat_template, generation_defaults, special_tokens
+from omni_export.build.recipes import Recipe, load_recipe
 
 
 def available_memory() -> int | None:
@@ -44,7 +44,7 @@ def check_memory(ckpt: Checkpoint, modules: list) -> int:
 
 def prepare(model_dir: str | Path, recipe: str | Recipe, calib: str | Path | None = None):
     """Validate the recipe, the checkpoint and every module's settings; no heavy work."""
-    from .modules import REGISTRY
+    from omni_export.modules import REGISTRY
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if calib is not None:
@@ -80,7 +80,7 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
 
     from transformers.utils import logging as transformers_logging
 
-    from .modules import BuildContext
+    from omni_export.modules import BuildContext
 
     transformers_logging.set_verbosity_error()  # config-validation chatter is not for users
     progress = _progress(console)
@@ -124,7 +124,7 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
 
 def _weight_bytes(stats: dict, writer: BundleWriter) -> dict:
     """Bytes of the thinker's weights: per decoder layer, embedding table, lm_head and the rest."""
-    from .export import thinker_decoder
+    from omni_export.export import thinker_decoder
 
     data = writer.dir / f"{thinker_decoder.FILE_NAME}.data"
     layers = stats["layer_bytes"]

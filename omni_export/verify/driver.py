@@ -37,7 +37,7 @@ Reported (``verify_bundle``)::
   ``Qwen2_5OmniToken2WavDiTModel(..., apply_cfg=True)`` on the speaker's reference mel.
   ``token2wav_bigvgan``: ``BIGVGAN_FRAMES`` random mel frames vs ``Qwen2_5OmniToken2WavBigVGANModel``.
 - ``thinker``: end to end and teacher-forced on ``prompts`` of the built-in calibration
-  conversations (``omni_export/calibration_data.jsonl``, evenly spaced over the set), rendered
+  conversations (``omni_export/build/calibration_data.jsonl``, evenly spaced over the set), rendered
   with the bundle's chat template and tokenizer. The prompt is the conversation up to its first
   assistant turn (with the generation prompt), keeping its last ``PROMPT_TOKENS`` tokens; the
   continuation is the first ``tokens`` tokens of that assistant answer, i.e. the conversation's
@@ -66,7 +66,7 @@ import numpy as np
 
 from omni_runtime.errors import InputError, OmniError
 
-from .checkpoint import Checkpoint
+from omni_export.checkpoint.reader import Checkpoint
 
 EMBEDDING = "thinker_embedding"
 DECODER = "thinker_decoder"
@@ -91,9 +91,9 @@ class VerifyError(OmniError):
 def _float_layers(ckpt: Checkpoint) -> Iterator:
     """The checkpoint's decoder layers as float32 ``DecoderLayer``s: the fp32 recipe's weights,
     which for an AutoAWQ checkpoint are its int4 weights dequantized."""
-    from .export.thinker_weights import ThinkerWeights
-    from .modules.thinker import ThinkerModule
-    from .recipes import load_recipe
+    from omni_export.export.thinker_weights import ThinkerWeights
+    from omni_export.modules.thinker import ThinkerModule
+    from omni_export.build.recipes import load_recipe
 
     module = ThinkerModule(ckpt, load_recipe("fp32").modules["thinker"])
     module.check()  # detects (and validates) an AutoAWQ checkpoint
@@ -110,7 +110,7 @@ def reference_layers(ckpt: Checkpoint) -> Iterator:
 
 def _reference_layer(config, i: int, layer):
     """A ``Qwen2_5OmniDecoderLayer`` holding ``layer``'s arrays (shared, not copied)."""
-    from .export.thinker_weights import torch_decoder_layer
+    from omni_export.export.thinker_weights import torch_decoder_layer
 
     return torch_decoder_layer(config, i, layer)
 
@@ -137,7 +137,7 @@ def reference_forward(ckpt: Checkpoint, sequences: list[tuple[np.ndarray, np.nda
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (Qwen2_5OmniRMSNorm,
                                                                         Qwen2_5OmniRotaryEmbedding)
 
-    from .export.thinker_weights import ThinkerWeights
+    from omni_export.export.thinker_weights import ThinkerWeights
 
     config = ckpt.text_config()
     n = config.num_hidden_layers
@@ -171,7 +171,7 @@ def reference_forward(ckpt: Checkpoint, sequences: list[tuple[np.ndarray, np.nda
 # ------------------------------------------------------------------------------------------------
 def _prompt_samples(template, tokenizer, prompts: int, tokens: int) -> list[tuple[list[int], list[int]]]:
     """``[(prompt ids, continuation ids)]`` from the built-in conversations (module docstring)."""
-    from .calibration import builtin_messages
+    from omni_export.build.calibration import builtin_messages
 
     conversations = [c for c in builtin_messages() if any(m["role"] == "assistant" for m in c)]
     if prompts > len(conversations):
@@ -202,7 +202,7 @@ def _prompt_samples(template, tokenizer, prompts: int, tokens: int) -> list[tupl
 
 
 def _check_same_model(manifest, ckpt: Checkpoint) -> None:
-    from .export.thinker_decoder import TextDims
+    from omni_export.export.thinker_decoder import TextDims
 
     bundle = manifest.config.get("thinker", {})
     dims = TextDims.from_config(ckpt.text_config())
@@ -266,13 +266,13 @@ def verify_bundle(bundle_dir: str | Path, model_dir: str | Path, prompts: int = 
 def _verify(bundle_dir: Path, model_dir: Path, prompts: int, tokens: int, progress: Progress | None) -> dict:
     from tokenizers import Tokenizer
 
-    from omni_runtime.chat import ChatTemplate
-    from omni_runtime.kv_decoder import KVDecoder
-    from omni_runtime.manifest import load_manifest, verify_file
-    from omni_runtime.rope import next_position_ids, text_position_ids
-    from omni_runtime.sessions import CPU, SessionPool, import_onnxruntime
+    from omni_runtime.prompt.chat import ChatTemplate
+    from omni_runtime.stages.kv_decoder import KVDecoder
+    from omni_runtime.bundle.manifest import load_manifest, verify_file
+    from omni_runtime.prompt.rope import next_position_ids, text_position_ids
+    from omni_runtime.bundle.sessions import CPU, SessionPool, import_onnxruntime
 
-    from .export.thinker_weights import ThinkerWeights
+    from omni_export.export.thinker_weights import ThinkerWeights
 
     started = time.perf_counter()
     say = progress or (lambda description, done, total: None)
@@ -424,9 +424,9 @@ def _check_audio(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Calla
     import torch
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
-    from omni_runtime.audio_prep import encoder_inputs
+    from omni_runtime.media.audio_prep import encoder_inputs
 
-    from .modules.audio import PREFIXES
+    from omni_export.modules.audio import PREFIXES
 
     block = manifest.config["audio"]
     n_mels = int(block["num_mel_bins"])
@@ -446,9 +446,9 @@ def _check_vision(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Call
     import torch
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniVisionEncoder
 
-    from omni_runtime.vision_prep import VisionConfig, encoder_inputs
+    from omni_runtime.media.vision_prep import VisionConfig, encoder_inputs
 
-    from .modules.vision import PREFIXES
+    from omni_export.modules.vision import PREFIXES
 
     cfg = VisionConfig.from_manifest(manifest.config)
     t, h, w = VISION_GRID
@@ -467,11 +467,11 @@ def _check_talker(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Call
     import torch
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniTalkerForConditionalGeneration
 
-    from omni_runtime.kv_decoder import KVDecoder
-    from omni_runtime.rope import text_position_ids
-    from omni_runtime.sessions import import_onnxruntime
+    from omni_runtime.stages.kv_decoder import KVDecoder
+    from omni_runtime.prompt.rope import text_position_ids
+    from omni_runtime.bundle.sessions import import_onnxruntime
 
-    from .export.talker_decoder import PREFIX
+    from omni_export.export.talker_decoder import PREFIX
 
     config = ckpt.config.talker_config
     ids = rng.choice(config.vocab_size, min(EMBEDDING_SAMPLES, config.vocab_size), replace=False).astype(np.int64)
@@ -510,9 +510,9 @@ def _check_dit(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Callabl
     import torch
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavDiTModel
 
-    from .modules import REGISTRY
-    from .modules.token2wav import DIT_PREFIX
-    from .recipes import load_recipe
+    from omni_export.modules import REGISTRY
+    from omni_export.modules.token2wav import DIT_PREFIX
+    from omni_export.build.recipes import load_recipe
 
     block = manifest.config["token2wav"]
     speaker = block["default_speaker"]
@@ -544,7 +544,7 @@ def _check_bigvgan(manifest, pool, ckpt: Checkpoint, rng, scale: float, say: Cal
     import torch
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavBigVGANModel
 
-    from .modules.token2wav import BIGVGAN_PREFIX
+    from omni_export.modules.token2wav import BIGVGAN_PREFIX
 
     config = ckpt.config.token2wav_config.bigvgan_config
     mel = (rng.standard_normal((1, config.mel_dim, BIGVGAN_FRAMES)) * 1.7 - 0.5).astype(np.float32)
@@ -567,7 +567,7 @@ def verify_modules(manifest, ckpt: Checkpoint, scale: float, progress: Progress 
     """``{graph: {"max_abs", "rel_rms"}}`` for each of the bundle's non-thinker graphs against its
     transformers module on one seeded sample input (module docstring); graphs the bundle lacks are
     skipped. One reference module is in memory at a time, after its graph's session is released."""
-    from omni_runtime.sessions import CPU, SessionPool
+    from omni_runtime.bundle.sessions import CPU, SessionPool
 
     checks = [(names, check) for names, check in MODULE_CHECKS if any(n in manifest.graphs for n in names)]
     pool = SessionPool(manifest, [CPU])

@@ -408,7 +408,7 @@ def _check_structure(check: _Checker, data: dict) -> dict[str, GraphSpec]:
                       ("top_k", "an integer"), ("top_p", "a number"), ("repetition_penalty", "a number"),
                       ("max_new_tokens", "an integer")):
         check.get(generation, key, kind, "generation")
-    # The defaults must be usable as they are (the ranges of omni_runtime.sampling.SamplingConfig).
+    # The defaults must be usable as they are (the ranges of omni_runtime.stages.sampling.SamplingConfig).
     for key, low, above in (("pad_token_id", 0, False), ("temperature", 0, generation["do_sample"]),
                             ("top_k", 0, False), ("top_p", 0, True), ("repetition_penalty", 0, True),
                             ("max_new_tokens", 1, False)):

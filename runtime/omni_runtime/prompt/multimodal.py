@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
+from omni_runtime.errors import InputError
 
 
 @dataclass(frozen=True)
