@@ -192,22 +192,13 @@ def check_run_options(opts: RunOptions) -> None:
     if opts.greedy and implied:
         raise InputError(f"--greedy conflicts with {', '.join(implied)} (sampling options)",
                          fix=f"drop --greedy to sample, or drop {', '.join(implied)} to decode greedily")
-    if opts.max_new_tokens is not None and opts.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {opts.max_new_tokens}",
-                         fix="pass --max-new-tokens 1 or more, or leave it out for the bundle's default")
-    if opts.seed is not None and opts.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {opts.seed}", fix="pass a seed >= 0")
     if opts.prompt is None and not opts.has_media:
         raise InputError("nothing to answer: no --prompt and no --audio, --image or --video",
                          fix="pass --prompt TEXT (and/or media files with --audio, --image, --video)")
     if opts.use_audio_in_video and not opts.video:
         raise InputError("--use-audio-in-video needs a --video", fix="add --video FILE, or drop --use-audio-in-video")
-    if opts.video_fps is not None:
-        if not opts.video:
-            raise InputError("--video-fps needs a --video", fix="add --video FILE, or drop --video-fps")
-        if opts.video_fps <= 0:
-            raise InputError(f"--video-fps must be > 0, got {opts.video_fps}",
-                             fix="pass the frames to sample per second, e.g. --video-fps 2")
+    if opts.video_fps is not None and not opts.video:
+        raise InputError("--video-fps needs a --video", fix="add --video FILE, or drop --video-fps")
     if opts.wav is None:
         for flag, value in (("--speaker", opts.speaker), ("--stream-audio", opts.stream_audio)):
             if value:
@@ -280,6 +271,25 @@ def sampling_for(opts: RunOptions, defaults):
     return sampling
 
 
+def chat_request(opts: RunOptions):
+    """The ChatRequest of ``opts`` (sampling left to the bundle's defaults, see ``sampling_for``)."""
+    from omni_runtime.request import ChatRequest
+
+    speech = {}
+    if opts.wav is not None:
+        speech = dict(speech=True, speaker=opts.speaker, stream=opts.stream_audio,
+                      noise_seed=0 if opts.seed is None else opts.seed)
+    if not opts.has_media:
+        return ChatRequest(prompt=opts.prompt, system=opts.system, max_new_tokens=opts.max_new_tokens,
+                           seed=opts.seed, **speech)
+    content = opts.content()
+    if opts.prompt is not None:
+        content.append({"type": "text", "text": opts.prompt})
+    return ChatRequest(messages=[{"role": "user", "content": content}], system=opts.system,
+                       use_audio_in_video=opts.use_audio_in_video, video_fps=opts.video_fps,
+                       max_new_tokens=opts.max_new_tokens, seed=opts.seed, **speech)
+
+
 def run_chat(opts: RunOptions, stdout: TextIO | None = None):
     """Run ``opts``: stream the answer (or print the JSON object) to ``stdout``; return the ChatResult.
 
@@ -289,35 +299,26 @@ def run_chat(opts: RunOptions, stdout: TextIO | None = None):
 
     stdout = sys.stdout if stdout is None else stdout
     check_run_options(opts)
+    request = chat_request(opts)  # every value checked before the bundle is opened
     if opts.wav is not None:
         _import_soundfile()
     runner = OmniRunner(opts.bundle, device=opts.device)
-    sampling = sampling_for(opts, runner.default_sampling())
+    if opts.wav is not None and not runner.has_speech:
+        raise BundleError("this bundle has no speech output (no talker or token2wav graphs), so --wav cannot be "
+                          "written", path=runner.manifest.manifest_path,
+                          fix="leave out --wav for a text answer, or rebuild the bundle from a checkpoint with "
+                              "a talker (enable_audio_output true) with a recipe that exports modules.talker and "
+                              "modules.token2wav (e.g. --recipe fp32)")
+    changes = {"sampling": sampling_for(opts, runner.default_sampling())}
+    if opts.wav is not None and opts.greedy:
+        changes["talker_sampling"] = runner.default_talker_sampling(False)
+    request = replace(request, **changes)
 
     def stream(piece: str) -> None:
         stdout.write(piece)
         stdout.flush()
 
-    common = dict(system=opts.system, max_new_tokens=opts.max_new_tokens, sampling=sampling, seed=opts.seed,
-                  on_text=None if opts.json else stream)
-    if opts.wav is not None:
-        if not runner.has_speech:
-            raise BundleError("this bundle has no speech output (no talker or token2wav graphs), so --wav cannot be "
-                              "written", path=runner.manifest.manifest_path,
-                              fix="leave out --wav for a text answer, or rebuild the bundle from a checkpoint with "
-                                  "a talker (enable_audio_output true) with a recipe that exports modules.talker and "
-                                  "modules.token2wav (e.g. --recipe fp32)")
-        common.update(speech=True, speaker=opts.speaker, stream=opts.stream_audio,
-                      talker_sampling=runner.default_talker_sampling(False) if opts.greedy else None,
-                      noise_seed=0 if opts.seed is None else opts.seed)
-    if opts.has_media:
-        content = opts.content()
-        if opts.prompt is not None:
-            content.append({"type": "text", "text": opts.prompt})
-        result = runner.chat(messages=[{"role": "user", "content": content}],
-                             use_audio_in_video=opts.use_audio_in_video, video_fps=opts.video_fps, **common)
-    else:
-        result = runner.chat(opts.prompt, **common)
+    result = runner.chat(request, on_text=None if opts.json else stream)
     if opts.wav is not None:
         write_wav(opts.wav, result.audio, result.sample_rate)
     if opts.json:

@@ -41,11 +41,10 @@ Speech out (bundles with a talker and token2wav, ``omni_runtime.stages.speech``)
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,11 @@ from omni_runtime.errors import BundleError, InputError
 from omni_runtime.bundle.manifest import load_manifest, verify_file
 from omni_runtime.stages.sampling import SamplingConfig
 from omni_runtime.bundle.sessions import SessionPool, SessionSettings, select_providers
+from omni_runtime.request import ChatRequest, check_max_new_tokens, check_text
 from omni_runtime.stages.thinker import ThinkerGenerator
+
+#: the fields a ChatRequest takes (``chat``/``speak``/``prompt_inputs`` keyword arguments)
+REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(ChatRequest))
 
 
 FINISH_REASONS = ("eos", "length", "context")
@@ -122,6 +125,20 @@ class PromptInputs:
             return {}
         return {"prompt_embeds": [self.embeds], "prompt_positions": [self.positions],
                 "rope_deltas": [self.rope_delta]}
+
+
+@dataclass
+class PreparedRequest:
+    """A request checked against the bundle and tokenized (``OmniRunner.prepare``), ready to run."""
+
+    request: ChatRequest
+    started: float  # time.perf_counter() when the request came in (first-audio latency)
+    inputs: PromptInputs
+    media: object | None  # media_prompt.PreparedMedia: decoded media whose encoders have not run yet
+    limit: int  # new tokens at most
+    limit_reason: str  # the finish reason when the limit is reached ("length" or "context")
+    sampling: SamplingConfig
+    voice: object | None  # speech.SpeechOptions, None for a text answer
 
 
 class SpeechChunks:
@@ -208,9 +225,9 @@ class OmniRunner:
 
     def render(self, prompt: str, system: str | None = None) -> str:
         """The chat-formatted prompt text (default system prompt when ``system`` is None)."""
-        _check_text(prompt, "prompt")
+        check_text(prompt, "prompt")
         if system is not None:
-            _check_text(system, "system")
+            check_text(system, "system")
         messages = build_messages(prompt, system=self.default_system_prompt if system is None else system)
         return self.template.render(messages, add_generation_prompt=True)
 
@@ -239,7 +256,7 @@ class OmniRunner:
                 param="prompt",
             )
         if max_new_tokens is not None:
-            _check_max_new_tokens(max_new_tokens)
+            check_max_new_tokens(max_new_tokens)
             if max_new_tokens > room:
                 raise InputError(
                     f"max_new_tokens={max_new_tokens} does not fit: the prompt takes {prompt_tokens} of the "
@@ -253,29 +270,10 @@ class OmniRunner:
             return room, "context"
         return default, "length"
 
-    def chat(
-        self,
-        prompt: str | None = None,
-        system: str | None = None,
-        max_new_tokens: int | None = None,
-        sampling: SamplingConfig | None = None,
-        seed: int | None = None,
-        on_text: Callable[[str], None] | None = None,
-        *,
-        messages: list[dict] | None = None,
-        use_audio_in_video: bool = False,
-        video_fps: float | None = None,
-        speech: bool = False,
-        speaker: str | None = None,
-        on_audio: Callable[[np.ndarray, bool], None] | None = None,
-        stream: bool | None = None,
-        solver: str | None = None,
-        talker_sampling: SamplingConfig | None = None,
-        talker_max_new_tokens: int | None = None,
-        noise_seed: int | None = None,
-    ) -> ChatResult:
-        """Answer one user ``prompt``, or Qwen-style ``messages``; ``on_text`` receives the text as
-        it is generated.
+    def chat(self, prompt: str | ChatRequest | None = None, *, on_text: Callable[[str], None] | None = None,
+             on_audio: Callable[[np.ndarray, bool], None] | None = None, **fields) -> ChatResult:
+        """Answer one request: a :class:`ChatRequest`, or its fields as keyword arguments (a user
+        ``prompt``, or Qwen-style ``messages``); ``on_text`` receives the text as it is generated.
 
         ``messages`` is a list of ``{"role": "system"|"user"|"assistant", "content": str | [parts]}``
         with parts ``{"type": "text", "text": ...}``, ``{"type": "audio", "audio": path | bytes |
@@ -307,14 +305,11 @@ class OmniRunner:
         ``seed`` also seeds the talker's sampling; ``noise_seed`` (default: ``seed``) draws
         token2wav's initial noise (``numpy.random.default_rng(noise_seed)``; None: fresh).
         """
-        request = self._request(prompt, system, max_new_tokens, sampling, seed, on_text, messages,
-                                use_audio_in_video, video_fps, speech or on_audio is not None, speaker,
-                                on_audio is not None if stream is None else stream, solver, talker_sampling,
-                                talker_max_new_tokens, noise_seed)
         if on_audio is not None and not callable(on_audio):
             raise InputError(f"on_audio must be a callable (pcm, last) or None, got {type(on_audio).__name__}",
                              fix="pass a function taking a float32 array and a bool", param="on_audio")
-        chunks = self._answer(*request)
+        request = as_request(prompt, fields, speech=on_audio is not None)
+        chunks = self._answer(self.prepare(request, stream_default=on_audio is not None), on_text)
         try:
             while True:
                 pcm, last = next(chunks)
@@ -325,36 +320,18 @@ class OmniRunner:
         finally:
             chunks.close()
 
-    def speak(
-        self,
-        prompt: str | None = None,
-        system: str | None = None,
-        max_new_tokens: int | None = None,
-        sampling: SamplingConfig | None = None,
-        seed: int | None = None,
-        on_text: Callable[[str], None] | None = None,
-        *,
-        messages: list[dict] | None = None,
-        use_audio_in_video: bool = False,
-        video_fps: float | None = None,
-        speaker: str | None = None,
-        stream: bool = True,
-        solver: str | None = None,
-        talker_sampling: SamplingConfig | None = None,
-        talker_max_new_tokens: int | None = None,
-        noise_seed: int | None = None,
-    ) -> "SpeechChunks":
-        """The spoken answer as an iterator of ``(pcm float32, last)`` chunks, streamed by default
-        (arguments as ``chat``); its ``result`` is the ChatResult once the last chunk is out.
+    def speak(self, prompt: str | ChatRequest | None = None, *, on_text: Callable[[str], None] | None = None,
+              **fields) -> "SpeechChunks":
+        """The spoken answer as an iterator of ``(pcm float32, last)`` chunks, streamed unless the
+        request says ``stream=False`` (arguments as ``chat``); its ``result`` is the ChatResult once
+        the last chunk is out.
 
         Every argument is checked here, before any graph runs; the thinker runs at the first
         ``next()``. Closing the iterator early (``close()``, or leaving a ``with`` block) stops
         the talker and releases the speech sessions.
         """
-        request = self._request(prompt, system, max_new_tokens, sampling, seed, on_text, messages,
-                                use_audio_in_video, video_fps, True, speaker, stream, solver, talker_sampling,
-                                talker_max_new_tokens, noise_seed)
-        return SpeechChunks(self._answer(*request))
+        request = as_request(prompt, fields, speech=True)
+        return SpeechChunks(self._answer(self.prepare(request, stream_default=True), on_text))
 
     @property
     def has_speech(self) -> bool:
@@ -376,46 +353,26 @@ class OmniRunner:
         """The bundle's talker sampling defaults (``do_sample=False``: greedy, repetition penalty kept)."""
         return self.speech_pipeline().talker.default_sampling(do_sample)
 
-    def _request(self, prompt, system, max_new_tokens, sampling, seed, on_text, messages, use_audio_in_video,
-                 video_fps, speech, speaker, stream, solver, talker_sampling, talker_max_new_tokens, noise_seed):
-        """Check everything (no graph runs) and tokenize: the arguments of ``_answer``."""
+    def prepare(self, request: ChatRequest, stream_default: bool = False) -> "PreparedRequest":
+        """Check ``request`` against this bundle (speech options, media, the context budget) and
+        tokenize it; no graph runs. ``stream_default`` is the streaming of a request that leaves
+        ``stream`` None."""
         started = time.perf_counter()
-        if max_new_tokens is not None:
-            _check_max_new_tokens(max_new_tokens)
-        sampling = self.default_sampling() if sampling is None else sampling
-        if not isinstance(sampling, SamplingConfig):
-            raise InputError(f"sampling must be a SamplingConfig or None, got {type(sampling).__name__}",
-                             fix="pass omni_runtime.stages.sampling.SamplingConfig(...)", param="sampling")
-        sampling.validate()
-        if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
-            raise InputError(f"seed must be an integer >= 0, got {seed!r}", fix="pass a seed >= 0 (or None)",
-                             param="seed")
-        if not isinstance(speech, bool):
-            raise InputError(f"speech must be True or False, got {speech!r}",
-                             fix="pass speech=True to hear the answer", param="speech")
         voice = None
-        if not speech:
-            given = [name for name, value in (("speaker", speaker), ("stream", stream), ("solver", solver),
-                                              ("talker_sampling", talker_sampling),
-                                              ("talker_max_new_tokens", talker_max_new_tokens),
-                                              ("noise_seed", noise_seed)) if value is not None and value is not False]
-            if given:
-                raise InputError(f"{', '.join(given)} only apply to speech, which was not asked for",
-                                 fix="pass speech=True (or on_audio) to hear the answer, or leave them out",
-                                 param=given[0])
-        else:
-            voice = self.speech_pipeline().options(speaker, stream, solver, talker_sampling, talker_max_new_tokens,
-                                                   seed, seed if noise_seed is None else noise_seed)
-        inputs, prepared = self._tokenize(prompt, system, messages, use_audio_in_video, video_fps)
-        limit, limit_reason = self.token_budget(len(inputs.ids), max_new_tokens)
-        return started, inputs, prepared, limit, limit_reason, sampling, seed, on_text, voice
+        if request.speech:
+            stream = stream_default if request.stream is None else request.stream
+            voice = self.speech_pipeline().options(request, stream)
+        inputs, prepared = self._tokenize(request)
+        limit, limit_reason = self.token_budget(len(inputs.ids), request.max_new_tokens)
+        sampling = self.default_sampling() if request.sampling is None else request.sampling
+        return PreparedRequest(request, started, inputs, prepared, limit, limit_reason, sampling, voice)
 
-    def _answer(self, started, inputs, prepared, limit, limit_reason, sampling, seed, on_text,
-                voice) -> Iterator[tuple[np.ndarray, bool]]:
-        """Run the request: the thinker (text streamed to ``on_text``), then, with ``voice``, the
-        speech chunks; returns the ChatResult (StopIteration value)."""
-        if prepared is not None:
-            self._encode_media(inputs, prepared)
+    def _answer(self, job: "PreparedRequest", on_text) -> Iterator[tuple[np.ndarray, bool]]:
+        """Run a prepared request: the thinker (text streamed to ``on_text``), then, with speech,
+        the speech chunks; returns the ChatResult (StopIteration value)."""
+        inputs, voice = job.inputs, job.voice
+        if job.media is not None:
+            self._encode_media(inputs, job.media)
         streamer = TextStreamer(self.tokenizer, set(int(i) for i in self.thinker.eos_ids))
 
         def on_step(new):
@@ -423,8 +380,9 @@ class OmniRunner:
             if piece and on_text is not None:
                 on_text(piece)
 
-        out = self.thinker.generate([inputs.ids], limit, sampling, seed, on_step, limit_reason=limit_reason,
-                                    keep_states=voice is not None, **inputs.generate_kwargs())
+        out = self.thinker.generate([inputs.ids], job.limit, job.sampling, job.request.seed, on_step,
+                                    limit_reason=job.limit_reason, keep_states=voice is not None,
+                                    **inputs.generate_kwargs())
         ids = out.token_ids[0]
         answer = self.tokenizer.decode(ids, skip_special_tokens=True)
         result = ChatResult(answer, inputs.ids, ids, out.finish_reasons[0], prompt=inputs.text, media=inputs.media)
@@ -434,7 +392,7 @@ class OmniRunner:
 
         pipeline = self.speech_pipeline()
         spoken = SpeechOutput(codes=[], audio=np.zeros(0, np.float32), sample_rate=pipeline.sample_rate)
-        yield from pipeline.run(out.states[0], voice, started, spoken)
+        yield from pipeline.run(out.states[0], voice, job.started, spoken)
         result.codes = list(spoken.codes)
         result.audio = spoken.audio
         result.sample_rate = spoken.sample_rate
@@ -443,56 +401,43 @@ class OmniRunner:
         result.audio_seconds = len(spoken.audio) / spoken.sample_rate
         return result
 
-    def prompt_inputs(self, prompt: str | None = None, system: str | None = None, *, messages: list[dict] | None = None,
-                      use_audio_in_video: bool = False, video_fps: float | None = None) -> PromptInputs:
-        """What ``chat`` feeds the thinker for this prompt (same arguments): the expanded prompt ids
-        and, for media, the merged embeddings and TMRoPE positions (the encoders run here)."""
-        inputs, prepared = self._tokenize(prompt, system, messages, use_audio_in_video, video_fps)
+    def prompt_inputs(self, prompt: str | ChatRequest | None = None, **fields) -> PromptInputs:
+        """What ``chat`` feeds the thinker for this request (same arguments; only the prompt, system
+        and media fields matter): the expanded prompt ids and, for media, the merged embeddings and
+        TMRoPE positions (the encoders run here)."""
+        inputs, prepared = self._tokenize(as_request(prompt, fields))
         if prepared is not None:
             self._encode_media(inputs, prepared)
         return inputs
 
-    def _tokenize(self, prompt, system, messages, use_audio_in_video, video_fps):
+    def _tokenize(self, request: ChatRequest):
         """(PromptInputs without embeddings, PreparedMedia or None): text rendered, media decoded,
         placeholders expanded; no graph has run."""
-        if not isinstance(use_audio_in_video, bool):
-            raise InputError(f"use_audio_in_video must be True or False, got {use_audio_in_video!r}",
-                             fix="pass use_audio_in_video=True to use the videos' audio tracks",
-                             param="use_audio_in_video")
-        if video_fps is not None and (not isinstance(video_fps, Real) or isinstance(video_fps, bool)
-                                      or not math.isfinite(video_fps) or video_fps <= 0):
-            raise InputError(f"video_fps must be a number > 0, got {video_fps!r}",
-                             fix="pass the video frames to sample per second (e.g. 2.0), or None", param="video_fps")
-        if messages is None:
-            if prompt is None:
-                raise InputError("nothing to answer: neither a prompt nor messages were given",
-                                 fix="pass a prompt text or messages", param="prompt")
-            text = self.render(prompt, system)
+        if request.messages is None:
+            text = self.render(request.prompt, request.system)
             return PromptInputs(text, self.encode(text)), None
-        if prompt is not None:
-            raise InputError("prompt and messages were both given",
-                             fix="pass the prompt as a text part of the last user message", param="prompt")
         from omni_runtime.stages.audio_encoder import AudioEncoder
         from omni_runtime.prompt.media_prompt import media_items, normalize_messages, prepare_media
         from omni_runtime.prompt.multimodal import MediaTokens, expand_placeholders
         from omni_runtime.stages.vision_encoder import vision_config
 
-        checked = normalize_messages(messages, system, self.default_system_prompt)
+        checked = normalize_messages(request.messages, request.system, self.default_system_prompt)
         items = media_items(checked)
         text = self.render_messages(checked)
         ids = self.encode(text)
         if not items:
             return PromptInputs(text, ids), None
         kinds = {item.kind for item in items}
+        use_audio_in_video = request.use_audio_in_video
         needs_audio = "audio" in kinds or (use_audio_in_video and "video" in kinds)
         audio_config = AudioEncoder(self.manifest, self.pool).config if needs_audio else None
         visual = vision_config(self.manifest) if kinds & {"image", "video"} else None
-        prepared = prepare_media(items, audio_config, visual, use_audio_in_video, video_fps)
+        prepared = prepare_media(items, audio_config, visual, use_audio_in_video, request.video_fps)
         thinker = self.manifest.config["thinker"]
         ids = expand_placeholders(ids, prepared.placeholders(), MediaTokens.from_manifest(self.manifest.special_tokens),
                                   merge_size=prepared.merge_size,
-                                  position_id_per_seconds=thinker.get("position_id_per_seconds", 25),
-                                  seconds_per_chunk=thinker.get("seconds_per_chunk", 2))
+                                  position_id_per_seconds=thinker["position_id_per_seconds"],
+                                  seconds_per_chunk=thinker["seconds_per_chunk"])
         return PromptInputs(text, ids, media=prepared.summary()), prepared
 
     def _encode_media(self, inputs: PromptInputs, prepared) -> None:
@@ -512,22 +457,17 @@ class OmniRunner:
         inputs.rope_delta = int(deltas[0, 0])
 
 
-def _check_max_new_tokens(value) -> None:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {value!r}",
-                         fix="ask for at least 1 new token (max_new_tokens >= 1), or None for the bundle's default",
-                         param="max_new_tokens")
-
-
-def _check_text(value, name: str) -> None:
-    """``value`` must be a str the tokenizer can take (no lone surrogates from undecodable bytes)."""
-    if not isinstance(value, str):
-        raise InputError(f"the {name} must be a string, got {type(value).__name__}", fix=f"pass the {name} as text",
-                         param=name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InputError(
-            f"the {name} is not valid text: character {exc.start} is an unpaired surrogate "
-            f"(bytes that are not UTF-8?)",
-            fix=f"pass the {name} as UTF-8 text", param=name) from None
+def as_request(prompt, fields: dict, speech: bool = False) -> ChatRequest:
+    """``prompt`` if it is a ChatRequest (then no other field may be given), else a ChatRequest of
+    ``prompt`` and the keyword ``fields`` (TypeError for an unknown one, as for a function);
+    ``speech`` True asks for speech whatever the fields say (``on_audio``, ``speak``)."""
+    if isinstance(prompt, ChatRequest):
+        if fields:
+            raise InputError(f"a ChatRequest was given, so {', '.join(fields)} cannot be given beside it",
+                             fix="set them in the ChatRequest (dataclasses.replace(request, ...))",
+                             param=next(iter(fields)))
+        return dataclasses.replace(prompt, speech=True) if speech and not prompt.speech else prompt
+    unknown = sorted(set(fields) - REQUEST_FIELDS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return ChatRequest(prompt=prompt, **{**fields, **({"speech": True} if speech else {})})

@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from numbers import Integral
 
 import numpy as np
 
@@ -155,40 +154,26 @@ class SpeechPipeline:
     def sample_rate(self) -> int:
         return self.token2wav.sample_rate
 
-    def options(self, speaker: str | None = None, stream: bool = False, solver: str | None = None,
-                sampling: SamplingConfig | None = None, max_codes: int | None = None, seed: int | None = None,
-                noise_seed: int | None = None) -> SpeechOptions:
-        """Check every speech argument (InputError naming it), before any graph runs."""
-        if not isinstance(stream, bool):
-            raise InputError(f"stream must be True or False, got {stream!r}",
-                             fix="pass stream=True to get audio chunks while the talker runs", param="stream")
-        spk = self.token2wav.speaker(speaker)  # unknown -> InputError listing the choices
+    def options(self, request, stream: bool) -> SpeechOptions:
+        """The speech settings of ``request`` (an ``omni_runtime.request.ChatRequest``, whose values are
+        already type-checked) resolved against this bundle: InputError naming the argument for an
+        unknown speaker or solver, or more codes than one token2wav run takes; no graph runs."""
+        spk = self.token2wav.speaker(request.speaker)  # unknown -> InputError listing the choices
+        solver = request.solver
         solver = self.token2wav.ode["stream_solver" if stream else "solver"] if solver is None else solver
         if solver not in SOLVERS:
             raise InputError(f"unknown solver {solver!r}", fix=f"use one of: {', '.join(SOLVERS)}", param="solver")
-        sampling = self.talker.default_sampling() if sampling is None else sampling
-        if not isinstance(sampling, SamplingConfig):
-            raise InputError(f"talker_sampling must be a SamplingConfig or None, got {type(sampling).__name__}",
-                             fix="pass omni_runtime.stages.sampling.SamplingConfig(...), or None for the bundle's talker "
-                                 "defaults", param="talker_sampling")
-        sampling.validate()
+        sampling = self.talker.default_sampling() if request.talker_sampling is None else request.talker_sampling
+        max_codes = request.talker_max_new_tokens
         max_codes = self.talker.config.max_new_tokens if max_codes is None else max_codes
-        if not isinstance(max_codes, Integral) or isinstance(max_codes, bool) or max_codes < 1:
-            raise InputError(f"talker_max_new_tokens must be an integer >= 1, got {max_codes!r}",
-                             fix="ask the talker for 1 or more codes, or None for the bundle's default",
-                             param="talker_max_new_tokens")
         t2w = self.token2wav
         if not stream and max_codes * t2w.mel_per_code > t2w.max_mel_frames:
             raise InputError(f"talker_max_new_tokens={max_codes} codes can make {max_codes * t2w.mel_per_code} mel "
                              f"frames, more than the {t2w.max_mel_frames} token2wav solves at once",
                              fix=f"stream the audio (stream=True), or ask for at most "
                                  f"{t2w.max_mel_frames // t2w.mel_per_code} codes", param="talker_max_new_tokens")
-        for name, value in (("seed", seed), ("noise_seed", noise_seed)):
-            if value is not None and (not isinstance(value, Integral) or isinstance(value, bool) or value < 0):
-                raise InputError(f"{name} must be an integer >= 0, got {value!r}", fix=f"pass a {name} >= 0 (or None)",
-                                 param=name)
-        return SpeechOptions(spk.name, spk.bos_token, stream, solver, sampling, int(max_codes),
-                             None if seed is None else int(seed), None if noise_seed is None else int(noise_seed))
+        return SpeechOptions(spk.name, spk.bos_token, stream, solver, sampling, int(max_codes), request.seed,
+                             request.noise)
 
     def run(self, states: ThinkerStates, opts: SpeechOptions, start: float,
             out: SpeechOutput) -> Iterator[tuple[np.ndarray, bool]]:

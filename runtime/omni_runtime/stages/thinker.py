@@ -16,6 +16,7 @@ import numpy as np
 from omni_runtime.errors import InputError
 from omni_runtime.bundle.manifest import Manifest
 from omni_runtime.prompt.rope import next_position_ids, text_position_ids
+from omni_runtime.request import check_max_new_tokens
 from omni_runtime.stages.sampling import SamplingConfig, next_tokens
 from omni_runtime.stages.kv_decoder import DEFAULT_PREFILL_CHUNK, KVDecoder
 from omni_runtime.bundle.sessions import SessionPool, import_onnxruntime, io_binding_enabled
@@ -115,8 +116,7 @@ class ThinkerGenerator:
         ids instead of choosing, eos included, and returns the logits each was scored with
         (``Generation.logits``): what ``score`` and ``omni-export verify`` compare.
         """
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}", fix="ask for 1 or more new tokens")
+        check_max_new_tokens(max_new_tokens)
         sampling.validate()
         rng = np.random.default_rng(seed)
         ids, mask = self._pad(prompts)
