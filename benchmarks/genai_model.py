@@ -71,8 +71,10 @@ def qwen2_config(text_cfg, torch_dtype: str, generation: dict | None = None) -> 
 
 def qwen2_tensor_names(ckpt) -> dict[str, str]:
     """Checkpoint tensor name -> Qwen2ForCausalLM name, for the thinker text weights."""
-    names = {src: f"model.{target}" for src, target in ckpt.thinker_text_names().items()}
-    lm_head = ckpt.lm_head_name()
+    from omni_export.modules.thinker import ThinkerModule, ThinkerWeights
+
+    names = {src: f"model.{local}" for local, src in ckpt.tensor_names(ThinkerModule.prefixes).items()}
+    lm_head = ThinkerWeights(ckpt).lm_head_name()
     if lm_head in names:  # tied head: the embedding table is written twice (tie_word_embeddings false)
         return {**names, "__lm_head__": "lm_head.weight"}
     return {**names, lm_head: "lm_head.weight"}
@@ -87,16 +89,18 @@ def write_qwen2_view(model_dir: str | Path, out_dir: str | Path) -> Path:
     from transformers.utils import logging as transformers_logging
 
     from omni_export.checkpoint.reader import Checkpoint
+    from omni_export.modules.thinker import ThinkerWeights
 
     transformers_logging.set_verbosity_error()  # config-validation chatter about the omni token ids
     ckpt = Checkpoint.open(model_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = qwen2_tensor_names(ckpt)
+    lm_head = ThinkerWeights(ckpt).lm_head_name()  # the source of a tied head's "__lm_head__" copy
     headers: dict[str, tuple[dict, int]] = {}
     entries = []  # (qwen2 name, source file, dtype, shape, begin, end)
     for src, dst in sorted(names.items(), key=lambda kv: kv[1]):
-        src = ckpt.lm_head_name() if src == "__lm_head__" else src
+        src = lm_head if src == "__lm_head__" else src
         file = ckpt.root / ckpt.weight_map[src]
         if file not in headers:
             headers[file] = _safetensors_header(file)

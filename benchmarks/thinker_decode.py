@@ -225,9 +225,10 @@ def lm_head_bytes(bundle: Path, manifest: dict) -> tuple[int, str]:
 def thinker_size_breakdown(bundle: Path, manifest: dict) -> dict:
     """Per-part bytes of a bundle's thinker: layers, bytes per layer, embedding, lm_head, rest.
 
-    With ``config.thinker.weight_bytes`` (``per_layer`` list, ``embeddings``,
-    ``lm_head_and_norm``) the parts are the manifest's figures and ``rest`` is whatever else the
-    thinker graph files hold (graph protos, constants). Older manifests have no such figure:
+    With the thinker's build info ``build.modules.thinker.weight_bytes`` (``per_layer`` list,
+    ``embeddings``, ``lm_head_and_norm``) the parts are the manifest's figures and ``rest`` is
+    whatever else the thinker graph files hold (graph protos, constants). Older manifests have no
+    such figure there:
     bytes per decoder layer are then inferred as (decoder graph bytes - lm_head bytes) / layers
     (the final norm and the graph proto spread over the layers). This is the one function the
     projection depends on.
@@ -237,13 +238,13 @@ def thinker_size_breakdown(bundle: Path, manifest: dict) -> dict:
     layers = int(cfg["num_hidden_layers"])
     total = thinker_model_bytes(manifest)
     decoder = graph_files_bytes(manifest, graphs["thinker_decoder"])
-    sizes = cfg.get("weight_bytes")
+    sizes = manifest.get("build", {}).get("modules", {}).get("thinker", {}).get("weight_bytes")
     if sizes:
         per_layer = [int(b) for b in sizes["per_layer"]]
         embedding, head = int(sizes["embeddings"]), int(sizes["lm_head_and_norm"])
         return {"num_layers": layers, "per_layer_bytes": sum(per_layer) / len(per_layer), "embedding_bytes": embedding,
                 "lm_head_bytes": head, "rest_bytes": total - sum(per_layer) - embedding - head,
-                "decoder_bytes": decoder, "source": "manifest config.thinker.weight_bytes"}
+                "decoder_bytes": decoder, "source": "manifest build.modules.thinker.weight_bytes"}
     embedding = graph_files_bytes(manifest, graphs["thinker_embedding"])
     head, head_source = lm_head_bytes(bundle, manifest)
     rest = total - decoder - embedding

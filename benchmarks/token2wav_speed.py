@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def build_graphs(model_dir: Path, work: Path) -> dict:
     """token2wav graphs + speakers of ``model_dir`` in ``work``; returns a manifest dict (no thinker)."""
-    from types import SimpleNamespace
 
     from omni_export.checkpoint.reader import Checkpoint
     from omni_export.modules.base import BuildContext
@@ -43,10 +42,10 @@ def build_graphs(model_dir: Path, work: Path) -> dict:
         return json.loads(done.read_text())
     work.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoint.open(model_dir)
-    module = Token2WavModule(ckpt, SimpleNamespace(weights="float32", name="token2wav"))
+    module = Token2WavModule.reference(ckpt)
     module.check()
     started = time.perf_counter()
-    graphs = module.build(BuildContext(ckpt=ckpt, recipe=None, out_dir=work))
+    graphs = module.build(BuildContext(ckpt=ckpt, recipe=None, out_dir=work)).graphs
     build_s = time.perf_counter() - started
     files = {}
     for path in sorted(p for p in work.rglob("*") if p.is_file() and p != done):

@@ -134,7 +134,8 @@ def build(
     emit: Optional[str] = typer.Option(None, "--emit", help="How int4 linears are written: qdq (standard "
                                                              "DequantizeLinear + MatMul, fused by onnxruntime) or "
                                                              "matmulnbits (the contrib op directly: faster load, "
-                                                             "onnxruntime only); default: the recipe's."),
+                                                             "onnxruntime only); sets `emit` of every module whose "
+                                                             "recipe section has it; default: the recipe's."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration conversations for AWQ: a JSONL file, "
                                                                "one Qwen-style messages list per line "
                                                                "(default: the built-in set)."),
@@ -152,49 +153,22 @@ def build(
         check_output(out, force=force, flag="--out")
         parsed = load_recipe(recipe)
         if calib is not None:
-            parsed.with_calibration_file(calib)
+            parsed = parsed.with_calibration_file(calib)
         if emit is not None:
-            parsed = _with_emit(parsed, emit)
-        _check_quantized_checkpoint(Checkpoint.open(model))
+            parsed = parsed.with_setting("emit", emit, flag="--emit")
+        Checkpoint.open(model)  # also refuses a quantization other than AutoAWQ GEMM 4-bit
     except OmniError as exc:
         fail(exc)
     with interruptible("build"):
         from omni_export.build.pipeline import build_bundle
 
         try:
-            path = build_bundle(model, parsed, out, force=force, console=err, memory_check=memory_check, calib=calib)
+            path = build_bundle(model, parsed, out, force=force, console=err, memory_check=memory_check)
         except OmniError as exc:
             fail(exc)
     say(f"bundle written to {path}")
     if verify:
         _verify_and_show(path, model)
-
-
-def _with_emit(recipe, emit: str):
-    """``recipe`` with the thinker's ``emit`` set from ``--emit``."""
-    import dataclasses
-
-    from omni_export.build.recipes import EMITS, RecipeError
-
-    if emit not in EMITS:
-        raise RecipeError(f"--emit {emit!r} is not a choice", fix=f"use one of: {', '.join(EMITS)}")
-    if "thinker" not in recipe.modules:
-        return recipe
-    thinker = dataclasses.replace(recipe.modules["thinker"], emit=emit)
-    return dataclasses.replace(recipe, modules={**recipe.modules, "thinker": thinker})
-
-
-def _check_quantized_checkpoint(ckpt) -> None:
-    """A pre-quantized checkpoint must be AutoAWQ GEMM 4-bit (checked from config.json alone)."""
-    from omni_export.checkpoint.reader import CheckpointError
-    from omni_export.quant.autoawq_checkpoint import detect_autoawq
-
-    try:
-        detect_autoawq(ckpt.raw_config)
-    except ValueError as exc:
-        raise CheckpointError(str(getattr(exc, "problem", exc)), path=ckpt.root / "config.json",
-                              fix=getattr(exc, "fix", None) or "use an AutoAWQ GEMM 4-bit checkpoint or the float "
-                                                                "checkpoint") from None
 
 
 @app.command(
@@ -254,12 +228,13 @@ def inspect(
             if len(kv) > 2:
                 io.add_row(direction, f"... {len(kv) - 2} more K/V tensors", "", "")
         out.print(io)
-    consts = Table(title="config.thinker")
-    consts.add_column("key")
-    consts.add_column("value")
-    for key, value in data["config"]["thinker"].items():
-        consts.add_row(key, str(value))
-    out.print(consts)
+    for module, block in data["config"].items():
+        consts = Table(title=f"config.{module}")
+        consts.add_column("key")
+        consts.add_column("value", overflow="fold")
+        for key, value in block.items():
+            consts.add_row(key, str(value))
+        out.print(consts)
     out.print("special tokens: " + ", ".join(f"{k}={v}" for k, v in data["special_tokens"].items()))
     if verify:
         out.print(Text(f"all {len(manifest.files)} files match their sha256", style="green"))
@@ -318,12 +293,17 @@ def _verify_and_show(bundle: Path, model: Path, as_json: bool = False, prompts: 
         graphs.add_row(name, *(f"{m[k]:.3g}" if k in m else "" for k in
                                ("max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms")))
     out.print(graphs)
-    t = report["thinker"]
-    thinker = Table(title="thinker, teacher-forced on built-in conversations")
-    for col in ("top1 agreement", "mean KL", "max KL", "positions"):
-        thinker.add_column(col)
-    thinker.add_row(f"{t['top1_agreement']:.4f}", f"{t['mean_kl']:.3g}", f"{t['max_kl']:.3g}", str(t["positions"]))
-    out.print(thinker)
+    from omni_export.modules import REGISTRY
+
+    for name in REGISTRY:  # a module check's summary (e.g. the thinker's teacher-forced agreement)
+        summary = report.get(name)
+        if not isinstance(summary, dict) or not summary:
+            continue
+        table = Table(title=f"{name} summary")
+        for key in summary:
+            table.add_column(key.replace("_", " "))
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in summary.values()))
+        out.print(table)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -82,3 +82,20 @@ def link_copy(src: Path, dest: Path, real: tuple[str, ...] = ("manifest.json",))
             except OSError:
                 shutil.copyfile(path, target)
     return dest
+
+
+def run_decoder_graph(session, embeds, positions, past_kv):
+    """Run a KV decoder graph (``thinker_decoder``, ``talker_decoder``) once on torch ``embeds``
+    [batch, seq, width], ``positions`` [3, batch, seq] and the torch ``past_kv`` list (key, value per
+    layer, [batch, kv_heads, past, head_dim]); returns the session's outputs."""
+    import numpy as np
+
+    batch, sequence = embeds.shape[:2]
+    total = past_kv[0].shape[2] + sequence
+    feeds = {"inputs_embeds": embeds.numpy(), "position_ids": positions,
+             "seqlens_k": np.full(batch, total - 1, dtype=np.int32),
+             "total_sequence_length": np.array(total, dtype=np.int32)}
+    for i in range(len(past_kv) // 2):
+        feeds[f"past_key_values.{i}.key"] = past_kv[2 * i].numpy()
+        feeds[f"past_key_values.{i}.value"] = past_kv[2 * i + 1].numpy()
+    return session.run(None, feeds)

@@ -18,7 +18,7 @@ from test_quant_packing import autoawq_dequantize_gemm
 
 from omni_export.checkpoint.reader import Checkpoint
 from omni_export.quant import rtn
-from omni_export.quant.autoawq_checkpoint import AutoAwqError, detect_autoawq, is_autoawq_linear, read_autoawq_linear
+from omni_export.checkpoint.autoawq import AutoAwqError, detect_autoawq, is_autoawq_linear, read_autoawq_linear
 from omni_export.testkit.tiny_model import write_tiny_checkpoint
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

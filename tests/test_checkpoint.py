@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from omni_export.checkpoint.reader import Checkpoint, CheckpointError
-from omni_export.export.thinker_weights import ThinkerWeights
+from omni_export.modules.thinker import ThinkerModule, ThinkerWeights
 
 
 def read_all(path):
@@ -30,12 +30,12 @@ def to_v5_name(name):
 
 def test_legacy_names_cover_the_text_model(tiny_checkpoint):
     ckpt = Checkpoint.open(tiny_checkpoint)
-    targets = set(ckpt.thinker_text_names().values())
+    targets = set(ckpt.tensor_names(ThinkerModule.prefixes))
     layers = ckpt.text_config().num_hidden_layers
     assert "embed_tokens.weight" in targets and "norm.weight" in targets
     assert {f"layers.{i}.self_attn.q_proj.weight" for i in range(layers)} <= targets
     assert not any(t.startswith(("audio_tower", "visual")) for t in targets)
-    assert ckpt.lm_head_name() == "thinker.lm_head.weight"
+    assert ThinkerWeights(ckpt).lm_head_name() == "thinker.lm_head.weight"
 
 
 def test_v5_names_in_shards_give_the_same_decoder(tiny_checkpoint, tmp_path):
@@ -64,14 +64,14 @@ def test_tied_lm_head_uses_the_embedding(tiny_checkpoint, tmp_path):
     model = copy_without_weights(tiny_checkpoint, tmp_path / "tied")
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="lm_head"):
-        Checkpoint.open(model).lm_head_name()  # untied config: a missing head is an error
+        ThinkerWeights(Checkpoint.open(model)).lm_head_name()  # untied config: a missing head is an error
     config = json.loads((model / "config.json").read_text())
     config["thinker_config"]["text_config"]["tie_word_embeddings"] = True
     (model / "config.json").write_text(json.dumps(config))
-    ckpt = Checkpoint.open(model)
-    assert ckpt.lm_head_name() == ckpt.embed_tokens_name()
-    head = ThinkerWeights(ckpt).lm_head()
-    assert np.array_equal(head, tensors[ckpt.embed_tokens_name()].float().numpy())
+    weights = ThinkerWeights(Checkpoint.open(model))
+    assert weights.lm_head_name() == weights.names["embed_tokens.weight"]
+    head = weights.lm_head()
+    assert np.array_equal(head, tensors[weights.names["embed_tokens.weight"]].float().numpy())
 
 
 @pytest.mark.parametrize(

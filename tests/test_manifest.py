@@ -23,7 +23,7 @@ FILES = {
 
 
 def manifest_body(files: dict[str, bytes]) -> dict:
-    """A complete schema-version-1 manifest for ``files``."""
+    """A complete schema-version-2 manifest for ``files`` (a thinker decoder of 2 layers)."""
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -61,11 +61,23 @@ def manifest_body(files: dict[str, bytes]) -> dict:
                 "opset": 18,
                 "dtype": "float32",
                 "quantization": None,
-                "inputs": [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]}],
-                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 1, 1000]}],
+                "inputs": [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]},
+                           {"name": "position_ids", "dtype": "int64", "shape": [3, "batch", "sequence"]},
+                           {"name": "seqlens_k", "dtype": "int32", "shape": ["batch"]},
+                           {"name": "total_sequence_length", "dtype": "int32", "shape": []},
+                           *kv_io("past_key_values", "past_sequence")],
+                "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 1, 1000]},
+                            {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "sequence", 64]},
+                            *kv_io("present", "present_sequence")],
             }
         },
     }
+
+
+def kv_io(prefix: str, axis: str, layers: int = 2) -> list[dict]:
+    """The KV inputs (``past_key_values``) or outputs (``present``) of a decoder of ``layers`` layers."""
+    return [{"name": f"{prefix}.{i}.{kind}", "dtype": "float32", "shape": ["batch", 2, axis, 16]}
+            for i in range(layers) for kind in ("key", "value")]
 
 
 def make_bundle(root: Path, edit=None, files: dict[str, bytes] = FILES) -> Path:

@@ -7,6 +7,10 @@ and invalid UTF-8), plus damage to the raw text (truncation, byte flips, a BOM).
 ``manifest.json`` is written into a directory holding the bundle's real files, so file checks
 (existence, size, paths resolving inside the bundle) run for real. No other exception type is
 acceptable: a user must always get a message naming the file and the fix.
+
+The mutations also run against the contract itself, ``manifest.schema.json``, with a plain
+``jsonschema.Draft202012Validator`` (what another host would use): every manifest ``load_manifest``
+accepts is valid, so a manifest the schema rejects is rejected by ``load_manifest`` too.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 
 from omni_runtime.errors import BundleError
-from omni_runtime.bundle.manifest import MANIFEST_NAME, Manifest, load_manifest
+from omni_runtime.bundle.manifest import MANIFEST_NAME, SCHEMA_PATH, Manifest, load_manifest
 
 CASES = 3000
 SEED = 20240611
@@ -176,6 +182,8 @@ def test_unmutated_manifest_is_accepted(fuzz_bundle):
 
 def test_mutated_manifests_are_accepted_or_bundle_errors(fuzz_bundle):
     root, data = fuzz_bundle
+    validator = Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+    assert validator.is_valid(data)
     rng = random.Random(SEED)
     outcomes = {"accepted": 0, "BundleError": 0}
     started = time.monotonic()
@@ -193,6 +201,9 @@ def test_mutated_manifests_are_accepted_or_bundle_errors(fuzz_bundle):
         except BaseException as exc:  # noqa: BLE001 - the point of the test
             pytest.fail(f"case {case} ({how}; {'; '.join(done)[:300]}): {type(exc).__name__}: {exc!s:.300}")
         outcomes["accepted"] += 1
+        # What load_manifest accepts, the schema accepts (so what the schema rejects, it rejects).
+        error = best_match(validator.iter_errors(manifest.data))
+        assert error is None, (case, done, how, f"the schema rejects it: {error.message:.300}")
         # An accepted manifest must be usable: every graph file resolves inside the bundle.
         for spec in manifest.graphs.values():
             for rel in spec.files:

@@ -9,13 +9,13 @@ import yaml
 
 from omni_export.build.recipes import (
     KEYS,
-    MODULES,
     RecipeError,
     builtin_names,
     load_recipe,
     parse_recipe,
     recipe_summary,
 )
+from omni_export.modules import REGISTRY
 
 SOURCE = "recipes/mine.yaml"
 
@@ -183,8 +183,8 @@ def test_unknown_module_and_key():
 
 
 def test_every_known_module_lists_its_keys():
-    for name, spec in MODULES.items():
-        assert set(spec.keys) <= set(KEYS) and spec.linears, name
+    for name, module in REGISTRY.items():
+        assert set(module.recipe_keys) <= set(KEYS) and module.linears, name
 
 
 @pytest.mark.parametrize(

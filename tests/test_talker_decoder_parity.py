@@ -17,6 +17,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
+from conftest import run_decoder_graph
+
 TOLERANCE = 1e-4
 CASES = [
     (1, 7, 0, False),    # prefill
@@ -66,22 +68,10 @@ def reference(talker, embeds, positions, past_kv):
     return out.logits[:, -1:].numpy(), out.hidden_states[-1].numpy(), presents
 
 
-def run_graph(session, config, embeds, positions, past_kv):
-    batch, sequence = embeds.shape[:2]
-    total = past_kv[0].shape[2] + sequence
-    feeds = {"inputs_embeds": embeds.numpy(), "position_ids": positions,
-             "seqlens_k": np.full(batch, total - 1, dtype=np.int32),
-             "total_sequence_length": np.array(total, dtype=np.int32)}
-    for i in range(config.num_hidden_layers):
-        feeds[f"past_key_values.{i}.key"] = past_kv[2 * i].numpy()
-        feeds[f"past_key_values.{i}.value"] = past_kv[2 * i + 1].numpy()
-    return session.run(None, feeds)
-
-
 def check_case(session, talker, batch, sequence, past, multimodal, seed):
     config = talker.config
     embeds, positions, past_kv = make_inputs(config, batch, sequence, past, seed, multimodal)
-    logits, hidden, *presents = run_graph(session, config, embeds, positions, past_kv)
+    logits, hidden, *presents = run_decoder_graph(session, embeds, positions, past_kv)
     ref_logits, ref_hidden, ref_presents = reference(talker, embeds, positions, past_kv)
     assert logits.shape == (batch, 1, config.vocab_size)
     assert hidden.shape == ref_hidden.shape == (batch, sequence, config.hidden_size)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
+from conftest import run_decoder_graph
+
 TOLERANCE = 1e-4
 
 
@@ -64,13 +66,7 @@ def test_decoder_matches_transformers(session, reference_thinker, batch, sequenc
     embeds, positions, past_kv = make_inputs(config, batch, sequence, past, seed=sequence + 10 * past,
                                              multimodal=multimodal)
     total = past + sequence
-    feeds = {"inputs_embeds": embeds.numpy(), "position_ids": positions,
-             "seqlens_k": np.full(batch, total - 1, dtype=np.int32),
-             "total_sequence_length": np.array(total, dtype=np.int32)}
-    for i in range(config.num_hidden_layers):
-        feeds[f"past_key_values.{i}.key"] = past_kv[2 * i].numpy()
-        feeds[f"past_key_values.{i}.value"] = past_kv[2 * i + 1].numpy()
-    logits, hidden, *presents = session.run(None, feeds)
+    logits, hidden, *presents = run_decoder_graph(session, embeds, positions, past_kv)
     ref_logits, ref_hidden, ref_presents = reference(reference_thinker, embeds, positions, past_kv)
 
     assert logits.shape == (batch, 1, config.vocab_size)

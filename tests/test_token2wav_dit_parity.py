@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_export.testkit.token2wav_refs import prepared, torch_threads
+from omni_export.testkit.token2wav_refs import graph_session, prepared, torch_threads
 
 TOL = 1e-4
 
@@ -27,11 +27,7 @@ def case(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def session(case):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(case[1] / "token2wav_dit.onnx"), options, providers=["CPUExecutionProvider"])
+    return graph_session(case[1], "token2wav_dit")
 
 
 def stored(bundle, name: str, tensor: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """``omni-export verify``: the layer-at-a-time PyTorch reference and the bundle report.
 
-The reference (``omni_export.verify.driver.reference_forward``: transformers decoder layers built and
+The reference (``omni_export.verify.checks.thinker.reference_forward``: transformers decoder layers built and
 run one at a time) is first checked against transformers' whole thinker loaded with
 ``from_pretrained``, so the verify numbers rest on an independent oracle. Then: an fp32 bundle
 matches it to float rounding (top-1 agreement 1, KL ~0), an int4-rtn bundle shows a small,
@@ -18,8 +18,10 @@ import torch
 
 from conftest import run_cli
 from omni_export.checkpoint.reader import Checkpoint
-from omni_export.verify.driver import (VerifyError, reference_forward, reference_layers, reference_module, verify_bundle,
-                                verify_modules)
+from omni_export.verify.checks.thinker import reference_forward, reference_layers
+from omni_export.verify.context import VerifyError
+from omni_export.verify.driver import verify_bundle, verify_modules
+from omni_export.verify.reference import reference_module
 from omni_runtime.bundle.manifest import load_manifest
 
 LOGIT_KEYS = {"max_abs", "rel_rms", "logits_max_abs", "logits_rel_rms"}

@@ -91,7 +91,7 @@ def unit_graph(unit_checkpoint, tmp_path_factory):
     module = REGISTRY["vision"](ckpt, recipe.module("vision"))
     module.check()
     out = tmp_path_factory.mktemp("vision-graph")
-    graphs = module.build(BuildContext(ckpt=ckpt, recipe=recipe, out_dir=out))
+    graphs = module.build(BuildContext(ckpt=ckpt, recipe=recipe, out_dir=out)).graphs
     graph, quantization = graphs["vision_encoder"]
     assert quantization is None
     assert [t.name for t in graph.inputs] == ["pixel_values", "position_ids", "window_index", "cu_seqlens",

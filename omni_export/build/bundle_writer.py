@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omni_runtime.errors import OmniError
-from omni_runtime.bundle.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, validate_relpath
+from omni_runtime.errors import BundleError, OmniError
+from omni_runtime.bundle.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, validate_manifest, validate_relpath
 
 from omni_export import __version__
 
@@ -367,7 +367,9 @@ class BundleWriter:
         return files
 
     def commit(self, manifest: dict) -> Path:
-        """Hash every file, write the manifest last and move the bundle into place."""
+        """Hash every file, validate the manifest (``omni_runtime.bundle.manifest.validate_manifest``:
+        the schema, the checks beyond it, the config blocks against the graphs' IO), write it last
+        and move the bundle into place."""
         body = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -381,8 +383,15 @@ class BundleWriter:
                 if rel not in body["files"]:
                     raise BundleWriteError(f"graph file {rel} was not written", path=self.dir / rel,
                                            fix="this is a bug in omni-export: please report it")
+        try:  # the runtime's contract: manifest.schema.json and the checks load_manifest runs beyond it
+            text = json.dumps(body, indent=2, allow_nan=False) + "\n"
+            validate_manifest(json.loads(text))
+        except (ValueError, BundleError) as exc:  # ValueError: NaN or Infinity, which JSON does not have
+            raise BundleWriteError(f"the manifest omni-export made is invalid: {getattr(exc, 'problem', exc)}",
+                                   path=self.dir / MANIFEST_NAME,
+                                   fix="this is a bug in omni-export: please report it") from None
         tmp = self.dir / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.dir / MANIFEST_NAME)
         self.dir.chmod(0o755)  # mkdtemp makes it private; a bundle is an ordinary directory
         with signals_deferred():  # the two renames go together

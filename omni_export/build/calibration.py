@@ -127,6 +127,15 @@ def calibration_messages(calibration) -> list[list[dict]]:
     return builtin_messages() if calibration.file is None else load_calibration_file(calibration.file)
 
 
+def calibration_ids(calibration, ckpt) -> np.ndarray:
+    """[samples, sequence_length] int64 token ids of a recipe's calibration section, rendered with
+    the chat template and tokenizer of the checkpoint ``ckpt``."""
+    from omni_export.checkpoint.info import chat_template
+
+    return calibration_batch(calibration_messages(calibration), ckpt.root / "tokenizer.json", chat_template(ckpt),
+                             calibration.samples, calibration.sequence_length)
+
+
 def tokenize_conversations(messages_list: list[list[dict]], tokenizer_json_path: str | os.PathLike,
                            chat_template_text: str) -> list[list[int]]:
     """Each conversation rendered with the chat template (no generation prompt) and tokenized

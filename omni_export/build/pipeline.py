@@ -1,8 +1,10 @@
 """``omni-export build``: checkpoint + recipe -> bundle, one registered module at a time.
 
 Inputs are validated first (recipe, checkpoint directory, output path, every module's
-settings, memory), before any heavy import or work; then each module of the recipe writes
-its graphs into the bundle's temporary directory, and the manifest is written last.
+settings, memory), before any heavy import or work; then each module of the recipe, in the
+registry's order (``omni_export.modules.REGISTRY``), writes its graphs into the bundle's
+temporary directory and hands back its ``config`` block and its build info; the manifest is
+written last. No module is named here.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ def prepare(model_dir: str | Path, recipe: str | Recipe, calib: str | Path | Non
         recipe = recipe.with_calibration_file(calib)
     ckpt = Checkpoint.open(model_dir)
     modules, skipped = [], {}
-    for name, settings in recipe.modules.items():
-        module = REGISTRY[name](ckpt, settings, calibration=recipe.calibration)
+    for name, cls in REGISTRY.items():
+        if name not in recipe.modules:
+            continue
+        module = cls(ckpt, recipe.modules[name], calibration=recipe.calibration)
         reason = module.skip_reason()
         if reason is None and any(dep in skipped for dep in module.requires):
             reason = f"needs {', '.join(d for d in module.requires if d in skipped)}, which is skipped"
@@ -93,14 +97,17 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
 
         ctx = BuildContext(ckpt=ckpt, recipe=recipe, out_dir=writer.dir, progress=on_progress,
                            say=(console.print if console is not None else (lambda message: None)))
-        config = {}
+        config, info = {}, {}
         for module in modules:
-            for name, (graph, quantization) in module.build(ctx).items():
+            result = module.build(ctx)
+            if tuple(result.graphs) != module.graphs:
+                raise RuntimeError(f"the {module.name} module wrote graphs {list(result.graphs)}, "
+                                   f"not the {list(module.graphs)} it declares")
+            for name, (graph, quantization) in result.graphs.items():
                 writer.add_graph(name, graph, "float32", quantization)
             config[module.name] = module.config()
+            info[module.name] = result.info
             gc.collect()
-        if "thinker" in ctx.stats:
-            config["thinker"]["weight_bytes"] = _weight_bytes(ctx.stats["thinker"], writer)
         progress.update(task, description="writing tokenizer and manifest")
         writer.copy_file(ckpt.root / "tokenizer.json", "tokenizer.json")
         writer.write_text("chat_template.jinja", template)
@@ -114,23 +121,10 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
             "generation": generation,
             "config": config,
             "modules": {"built": [m.name for m in modules], "skipped": skipped},
-            "build": {"seconds": round(time.perf_counter() - started, 2),
-                      "layer_seconds": [round(t, 3) for t in ctx.stats.get("thinker", {}).get("layer_seconds", [])],
-                      **({"awq": ctx.stats["awq"]} if ctx.stats.get("awq") else {})},
+            "build": {"seconds": round(time.perf_counter() - started, 2), "modules": info},
         }
         path = writer.commit(manifest)
     return path
-
-
-def _weight_bytes(stats: dict, writer: BundleWriter) -> dict:
-    """Bytes of the thinker's weights: per decoder layer, embedding table, lm_head and the rest."""
-    from omni_export.export import thinker_decoder
-
-    data = writer.dir / f"{thinker_decoder.FILE_NAME}.data"
-    layers = stats["layer_bytes"]
-    total = data.stat().st_size if data.exists() else 0
-    return {"per_layer": layers, "embeddings": stats["embedding_bytes"],
-            "lm_head_and_norm": max(0, total - sum(layers))}
 
 
 class _NoProgress:

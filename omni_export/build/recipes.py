@@ -7,7 +7,7 @@ path to a YAML file. ``recipes/README.md`` documents schema version 2::
     schema_version: 2            # required, must be 2
     name: awq                    # required, [a-z0-9_-]+
     description: text            # optional
-    modules:                     # required, non-empty: module name -> settings (see MODULES)
+    modules:                     # required, non-empty: module name -> settings (omni_export.modules)
       thinker:
         weights: int4            # float32 | float16 | int4 | int8 (int8: w8a8 recipe, not yet)
         method: awq              # none | rtn | awq
@@ -23,11 +23,15 @@ path to a YAML file. ``recipes/README.md`` documents schema version 2::
       samples: 4
       sequence_length: 128
 
-Omitted module keys take the defaults of ``KEYS``. Every unknown module, key or value is a
+The modules and what their sections accept come from the registry
+(``omni_export.modules.REGISTRY``): each module class declares its ``recipe_keys``, its
+``precisions`` (the ``weights`` values) and the linears ``keep_float`` can name. Omitted module
+keys take the defaults of ``KEYS``. Every unknown module, key or value is a
 :class:`RecipeError` naming the recipe file, the key and the valid choices. A schema version 1
 file gets an error that spells out its version 2 equivalent.
 
-This module is imported for early input validation: it imports nothing heavy (no torch).
+This module is imported for early input validation: it imports nothing heavy (no torch; the
+registry is read when a recipe is checked, and its module files are light too).
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from omni_runtime.errors import OmniError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omni_export.modules.base import Module
 
 SCHEMA_VERSION = 2
 TOP_KEYS = ("schema_version", "name", "description", "modules", "calibration")
@@ -58,12 +65,6 @@ INT_METHODS = ("rtn", "awq")
 TABLE_DTYPES = ("float32", "int8", "int4")  # lm_head and embeddings
 EMITS = ("qdq", "matmulnbits")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-
-#: Values the schema knows but this omni-export cannot build yet: (key, value) -> (problem, fix).
-NOT_YET = {
-    ("weights", "int8"): ("int8 weights arrive with the w8a8 recipe",
-                          "use weights: int4 (method rtn or awq) or a float weights type"),
-}
 
 CALIBRATION_KEYS = ("source", "samples", "sequence_length")
 CALIBRATION_DEFAULTS = {"source": "builtin", "samples": 4, "sequence_length": 128}
@@ -120,58 +121,12 @@ KEYS: dict[str, KeySpec] = {
 }
 
 
-@dataclass(frozen=True)
-class ModuleSpec:
-    """A module a recipe can configure: its allowed keys and the linear layers of one block."""
+def _registry() -> dict[str, type[Module]]:
+    """The registered modules (imported on use: the registry imports this module)."""
+    from omni_export.modules import REGISTRY
 
-    description: str
-    keys: tuple[str, ...]
-    #: linear layers of one block; ``keep_float`` names are ``layers.<i>.<linear>``
-    linears: tuple[str, ...]
-    layer_prefix: str = "layers"
-    #: the ``weights`` values this module can be built with
-    weights: tuple[str, ...] = WEIGHTS
+    return REGISTRY
 
-
-#: Known modules. Adding one (audio/vision encoders, talker, token2wav) is one entry here.
-MODULES: dict[str, ModuleSpec] = {
-    "thinker": ModuleSpec(
-        description="the thinker's text decoder, with its token embeddings and lm_head",
-        keys=tuple(KEYS),
-        linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    ),
-    "audio": ModuleSpec(
-        description="the thinker's audio encoder (log-mel features -> one embedding per 40 ms)",
-        keys=("weights",),
-        linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
-        weights=("float32",),
-    ),
-    "talker": ModuleSpec(
-        description="the talker (speech codec tokens from the thinker's states), with its codec embeddings",
-        keys=("weights",),
-        linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-        weights=("float32",),
-    ),
-    "vision": ModuleSpec(
-        description="the thinker's vision encoder (image and video patches -> one embedding per 28x28 px)",
-        keys=("weights",),
-        linears=("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-        layer_prefix="blocks",
-        weights=("float32",),
-    ),
-    "token2wav": ModuleSpec(
-        description="token2wav: the DiT (speech codes -> mel, one ODE velocity per run) and the BigVGAN vocoder",
-        keys=("weights",),
-        linears=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.ff.0", "ff.ff.3"),
-        layer_prefix="transformer_blocks",
-        weights=("float32",),
-    ),
-}
-
-#: Modules of Qwen2.5-Omni that recipes will configure once their export lands.
-PLANNED_MODULES: tuple[str, ...] = ()
 
 #: Layer indices tried when checking that a keep_float pattern can match a linear.
 _MAX_LAYERS = 1000
@@ -207,7 +162,7 @@ class ModuleRecipe:
         return any(fnmatch.fnmatchcase(linear, pattern) for pattern in self.keep_float)
 
     def to_json(self) -> dict:
-        keys = MODULES[self.name].keys
+        keys = _registry()[self.name].recipe_keys
         return {key: list(self.keep_float) if key == "keep_float" else getattr(self, key) for key in keys}
 
 
@@ -239,7 +194,7 @@ class Recipe:
     def module(self, name: str) -> ModuleRecipe:
         """The settings of module ``name``; RecipeError if the recipe does not export it."""
         if name not in self.modules:
-            known = f"unknown module {name!r}" if name not in MODULES else f"the recipe does not export {name!r}"
+            known = f"unknown module {name!r}" if name not in _registry() else f"the recipe does not export {name!r}"
             raise RecipeError(known, path=self.source,
                               fix=f"the recipe's modules are: {', '.join(self.modules)}")
         return self.modules[name]
@@ -263,6 +218,16 @@ class Recipe:
                               fix="drop --calib, or use a recipe with method awq such as --recipe awq")
         return dataclasses.replace(self, calibration=_file_calibration(self.calibration, path))
 
+    def with_setting(self, key: str, value, flag: str | None = None) -> Recipe:
+        """This recipe with ``key`` set to ``value`` in every module section that has the key (a
+        command-line override such as ``--emit``, named ``flag`` in the error of a bad value)."""
+        spec = KEYS[key]
+        if not spec.check(value):
+            raise RecipeError(f"{flag or key} {value!r} is not a choice", fix=f"use one of: {spec.choices}")
+        registry = _registry()
+        modules = {name: dataclasses.replace(m, **{key: value}) if key in registry[name].recipe_keys else m
+                   for name, m in self.modules.items()}
+        return dataclasses.replace(self, modules=modules)
 
 
 def recipe_summary(recipe_json: dict) -> str:
@@ -348,7 +313,7 @@ def parse_recipe(data, source: str, base: Path | None = None) -> Recipe:
     raw_modules = data["modules"]
     if not isinstance(raw_modules, dict) or not raw_modules:
         raise bad(f"modules must be a non-empty mapping of module name -> settings, got {raw_modules!r}",
-                  f"write e.g. `modules: {{thinker: {{weights: float32}}}}`; known modules: {', '.join(MODULES)}")
+                  f"write e.g. `modules: {{thinker: {{weights: float32}}}}`; known modules: {', '.join(_registry())}")
     modules = {}
     for module_name, settings in raw_modules.items():
         modules[module_name] = _parse_module(module_name, settings, bad)
@@ -362,23 +327,28 @@ def parse_recipe(data, source: str, base: Path | None = None) -> Recipe:
     return Recipe(name, description, modules, calibration, source)
 
 
+def default_settings(name: str) -> ModuleRecipe:
+    """The settings of module ``name`` with every key at its default (float32 weights)."""
+    return _parse_module(name, {}, lambda problem, fix: RecipeError(problem, fix=fix))
+
+
 def _parse_module(name, settings, bad) -> ModuleRecipe:
-    if name not in MODULES:
-        problem = (f"module {name!r} cannot be exported yet" if name in PLANNED_MODULES
-                   else f"unknown module {name!r} in modules")
-        raise bad(problem, f"use one of: {', '.join(MODULES)}")
-    spec = MODULES[name]
+    registry = _registry()
+    if name not in registry:
+        raise bad(f"unknown module {name!r} in modules", f"use one of: {', '.join(registry)}")
+    module = registry[name]
+    keys = module.recipe_keys
     if settings is None:
         settings = {}
     if not isinstance(settings, dict):
         raise bad(f"modules.{name} must be a mapping of settings, got {settings!r}",
-                  f"write e.g. `{name}: {{weights: int4, method: rtn}}`; keys: {', '.join(spec.keys)}")
+                  f"write e.g. `{name}: {{weights: int4, method: rtn}}`; keys: {', '.join(keys)}")
     for key in settings:
-        if key not in spec.keys:
-            raise bad(f"unknown key {key!r} in modules.{name}", f"use one of: {', '.join(spec.keys)}")
+        if key not in keys:
+            raise bad(f"unknown key {key!r} in modules.{name}", f"use one of: {', '.join(keys)}")
     values: dict[str, Any] = {}
     for key in KEYS:
-        if key not in spec.keys:
+        if key not in keys:
             values[key] = "none" if key == "method" else None  # a module without the key does not quantize
             continue
         ks = KEYS[key]
@@ -389,12 +359,9 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
         if not ks.check(value):
             raise bad(f"modules.{name}.{key}: {value!r} is not valid", f"use {ks.choices}")
         values[key] = value
-    if values["weights"] not in spec.weights:
+    if values["weights"] not in module.precisions and values["weights"] not in module.planned:
         raise bad(f"modules.{name}.weights: {values['weights']} is not built for the {name} module yet",
-                  f"use weights: {' | '.join(spec.weights)}")
-    for (key, value), (problem, fix) in NOT_YET.items():
-        if values.get(key) == value:
-            raise bad(f"modules.{name}.{key}: {problem}", fix)
+                  f"use weights: {' | '.join(module.precisions)}")
     weights, method = values["weights"], values["method"]
     if weights in INT_WEIGHTS and method not in INT_METHODS:
         raise bad(f"modules.{name}: weights {weights} needs method rtn or awq, got {method}",
@@ -402,21 +369,24 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
     if weights in FLOAT_WEIGHTS and method != "none":
         raise bad(f"modules.{name}: method {method} quantizes, but weights is {weights}",
                   f"set weights: int4 to quantize with {method}, or method: none to keep {weights}")
+    if weights in module.planned:  # a precision the schema knows and the module will build later
+        raise bad(f"modules.{name}.weights: {module.planned[weights]}",
+                  f"use weights: {' | '.join(module.precisions)}")
     if values["keep_float"] is not None:
         for pattern in values["keep_float"]:
-            if not _matches_some_linear(spec, pattern):
-                example = f"{spec.layer_prefix}.<i>.<linear>"
+            if not _matches_some_linear(module, pattern):
+                example = f"{module.layer_prefix}.<i>.<linear>"
                 raise bad(f"modules.{name}.keep_float: {pattern!r} matches no linear layer of the {name}",
-                          f"write names as {example} or glob patterns such as *.{spec.linears[1].split('.')[-1]}; "
-                          f"the linears are: {', '.join(spec.linears)}")
+                          f"write names as {example} or glob patterns such as *.{module.linears[1].split('.')[-1]}; "
+                          f"the linears are: {', '.join(module.linears)}")
         values["keep_float"] = tuple(values["keep_float"])
     return ModuleRecipe(name=name, **values)
 
 
-def _matches_some_linear(spec: ModuleSpec, pattern: str) -> bool:
+def _matches_some_linear(module: type[Module], pattern: str) -> bool:
     regex = re.compile(fnmatch.translate(pattern))
-    return any(regex.match(f"{spec.layer_prefix}.{i}.{linear}")
-               for i in range(_MAX_LAYERS) for linear in spec.linears)
+    return any(regex.match(f"{module.layer_prefix}.{i}.{linear}")
+               for i in range(_MAX_LAYERS) for linear in module.linears)
 
 
 def _parse_calibration(raw, bad, source: str, base: Path | None) -> CalibrationRecipe:
@@ -465,7 +435,7 @@ def _v1_conversion(data: dict) -> str:
     """The fix of a schema-1 recipe: its schema-2 equivalent."""
     dtype = data.get("dtype") if data.get("dtype") in FLOAT_WEIGHTS else "float32"
     comps = data.get("components")
-    comps = [c for c in comps if c in MODULES] if isinstance(comps, list) else []
+    comps = [c for c in comps if c in _registry()] if isinstance(comps, list) else []
     modules = ", ".join(f"{c}: {{weights: {dtype}, method: none}}" for c in comps or ["thinker"])
     return ("convert it to schema version 2: set `schema_version: 2` and replace `dtype`, `quantization` and "
             f"`components` with `modules: {{{modules}}}` (recipes/README.md describes version 2; "

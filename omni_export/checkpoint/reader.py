@@ -7,14 +7,20 @@ A checkpoint is a directory in the real Hugging Face layout of Qwen/Qwen2.5-Omni
 use (``thinker.model.layers.0...``) or the transformers 5 names
 (``thinker.model.language_model.layers.0...``); both are accepted.
 
+One reader for every module: a module names its tensors by a prefix per layout (its
+``prefixes``, e.g. ``("thinker.audio_tower.", "thinker.model.audio_tower.")``) and local names
+after it; :meth:`Checkpoint.tensors` reads them, and a tensor the weights lack is one
+:class:`CheckpointError` naming every missing tensor in full (:meth:`Checkpoint.require`).
 Tensors are read lazily with ``safetensors.safe_open`` so one component (or one layer) can be
-built at a time without loading the whole 7B model.
+built at a time without loading the whole 7B model. A quantized checkpoint must be AutoAWQ
+GEMM 4-bit (:attr:`Checkpoint.autoawq`, checked by :meth:`Checkpoint.open`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,21 +37,11 @@ MODEL_TYPE = "qwen2_5_omni"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+MISSING_FIX = "the checkpoint is incomplete or does not match config.json: download all weight shards"
 
 
 class CheckpointError(OmniError):
     """The model directory is missing, incomplete or not a Qwen2.5-Omni checkpoint."""
-
-
-def _thinker_text_name(name: str) -> str | None:
-    """Map a checkpoint tensor name to the thinker text model's own name, or None."""
-    for prefix in ("thinker.model.language_model.", "thinker.model."):
-        if name.startswith(prefix):
-            rest = name[len(prefix):]
-            if rest.startswith(("audio_tower.", "visual.")):
-                return None
-            return rest
-    return None
 
 
 @dataclass
@@ -55,6 +51,8 @@ class Checkpoint:
     root: Path
     raw_config: dict
     weight_map: dict[str, str] = field(repr=False)  # tensor name -> file name
+    #: tensor_names() by prefixes (not copied by dataclasses.replace: a new weight map, a new cache)
+    _names: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, model_dir: str | Path) -> "Checkpoint":
@@ -80,7 +78,9 @@ class Checkpoint:
             if not (root / name).is_file():
                 raise CheckpointError(f"tokenizer file {name} is missing", path=root / name,
                                       fix="copy the tokenizer files of the original checkpoint into the model directory")
-        return cls(root=root, raw_config=raw, weight_map=weight_map)
+        ckpt = cls(root=root, raw_config=raw, weight_map=weight_map)
+        ckpt.autoawq  # noqa: B018 - a quantization omni-export cannot read is refused now
+        return ckpt
 
     @staticmethod
     def _weight_map(root: Path) -> dict[str, str]:
@@ -134,6 +134,56 @@ class Checkpoint:
             raise CheckpointError(f"not valid JSON ({exc})", path=path, fix="restore the file from the original checkpoint") from None
 
     # ---------------------------------------------------------------- tensors
+    @cached_property
+    def autoawq(self) -> dict | None:
+        """The AutoAWQ GEMM 4-bit settings of config.json's ``quantization_config``
+        (``omni_export.checkpoint.autoawq.detect_autoawq``), or None for a float checkpoint. Any
+        other quantization is a CheckpointError (raised by :meth:`open`)."""
+        from omni_export.checkpoint.autoawq import AutoAwqError, detect_autoawq
+
+        try:
+            return detect_autoawq(self.raw_config)
+        except AutoAwqError as exc:
+            raise CheckpointError(exc.problem, path=self.root / "config.json", fix=exc.fix) from None
+
+    def prefix(self, prefixes: Sequence[str]) -> str:
+        """The one of ``prefixes`` (a module's name prefix in each checkpoint layout, e.g.
+        transformers 4.5x then 5.x) this checkpoint uses: the first that starts a tensor name
+        (the first of all if none does)."""
+        return next((p for p in prefixes if any(name.startswith(p) for name in self.weight_map)), prefixes[0])
+
+    def tensor_names(self, prefixes: Sequence[str]) -> dict[str, str]:
+        """``{local name: checkpoint name}`` of the tensors under :meth:`prefix` (``prefixes``),
+        the local name being the rest of the checkpoint name (``layers.0.mlp.up_proj.weight``)."""
+        prefixes = tuple(prefixes)
+        if prefixes not in self._names:
+            prefix = self.prefix(prefixes)
+            self._names[prefixes] = {name[len(prefix):]: name for name in self.weight_map if name.startswith(prefix)}
+        return self._names[prefixes]
+
+    def missing(self, prefixes: Sequence[str], targets: Iterable[str]) -> list[str]:
+        """Checkpoint names of the local names ``targets`` (under ``prefixes``) the weights lack."""
+        names = self.tensor_names(prefixes)
+        prefix = self.prefix(prefixes)
+        return [prefix + t for t in targets if t not in names]
+
+    def require(self, prefixes: Sequence[str], targets: Iterable[str], fix: str | None = None) -> None:
+        """The checkpoint's one missing-weights error, naming every missing tensor in full, unless
+        the weights hold all of ``targets`` (local names under ``prefixes``)."""
+        missing = self.missing(prefixes, targets)
+        if missing:
+            raise CheckpointError(f"weights missing from the checkpoint: {', '.join(missing)}", path=self.root,
+                                  fix=fix or MISSING_FIX)
+
+    def tensors(self, prefixes: Sequence[str], targets: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+                fix: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``targets`` (local names under ``prefixes``; None: all of them) as ``dtype``
+        (default float32), by local name. Missing ones: :meth:`require`'s error, before any read."""
+        names = self.tensor_names(prefixes)
+        targets = list(names) if targets is None else list(targets)
+        self.require(prefixes, targets, fix)
+        return self._read({names[t]: t for t in targets}, dtype)
+
     def _by_file(self, names) -> dict[str, list[str]]:
         """Group tensor names by the weight file that holds them (one open per file)."""
         by_file: dict[str, list[str]] = {}
@@ -141,8 +191,11 @@ class Checkpoint:
             by_file.setdefault(self.weight_map[name], []).append(name)
         return by_file
 
-    def read(self, names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Read checkpoint tensors ``{checkpoint name: target name}`` as ``dtype``."""
+    def _read(self, names: dict[str, str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """Read checkpoint tensors ``{checkpoint name: target name}`` as ``dtype`` (default float32)."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         out: dict[str, torch.Tensor] = {}
         for file, file_names in self._by_file(names).items():
             with safe_open(self.root / file, framework="pt") as f:
@@ -158,29 +211,3 @@ class Checkpoint:
                 for name in file_names:
                     total += math.prod(f.get_slice(name).get_shape())
         return total
-
-    def thinker_text_names(self) -> dict[str, str]:
-        """Checkpoint names of the thinker text model, mapped to the module's own names."""
-        names = {}
-        for name in self.weight_map:
-            target = _thinker_text_name(name)
-            if target is not None:
-                names[name] = target
-        return names
-
-    def embed_tokens_name(self) -> str:
-        """Checkpoint name of the thinker token embedding table."""
-        for name, target in self.thinker_text_names().items():
-            if target == "embed_tokens.weight":
-                return name
-        raise CheckpointError("the thinker embed_tokens weight is missing from the weights", path=self.root,
-                              fix="the checkpoint is incomplete: download all weight shards")
-
-    def lm_head_name(self) -> str:
-        """Checkpoint name of the thinker lm_head weight (the embedding table when tied)."""
-        if "thinker.lm_head.weight" in self.weight_map:
-            return "thinker.lm_head.weight"
-        if self.config.thinker_config.text_config.tie_word_embeddings:
-            return self.embed_tokens_name()
-        raise CheckpointError("thinker.lm_head.weight is missing from the weights", path=self.root,
-                              fix="the checkpoint is incomplete: download all weight shards")

@@ -32,14 +32,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from omni_export.export.decoder_weights import LINEARS
 from omni_export.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
 from omni_export.export.onnx_io import ExportedGraph
 
-LINEARS = {  # DecoderLayer field -> checkpoint module path inside a layer
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
 F = ir.DataType.FLOAT
 
 
@@ -90,7 +86,8 @@ class TextDims:
 
 @dataclass
 class DecoderLayer:
-    """One decoder layer's weights: two RMSNorm weights and seven linears."""
+    """One decoder layer's weights: two RMSNorm weights (``decoder_weights.NORMS``) and seven linears
+    (``decoder_weights.LINEARS``, which names them)."""
 
     input_layernorm: np.ndarray
     post_attention_layernorm: np.ndarray
@@ -198,19 +195,20 @@ def build_decoder_graph(
             x, residual = g.skip_rms_norm(mlp_out, residual, layer.input_layernorm, dims.rms_norm_eps,
                                           f"{p}.input_layernorm.weight")
         q, k, v = g.linears(x, [layer.q_proj, layer.k_proj, layer.v_proj],
-                            [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")])
+                            [f"{p}.{LINEARS[n]}" for n in ("q_proj", "k_proj", "v_proj")])
         q = rotary.apply(g, q, dims.num_attention_heads)
         k = rotary.apply(g, k, dims.num_key_value_heads)
         attn, key, value = g.ops("GroupQueryAttention", q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total,
                                  outputs=3, domain=MS_DOMAIN, num_heads=dims.num_attention_heads,
                                  kv_num_heads=dims.num_key_value_heads)
         presents += [key, value]
-        attn = g.linear(attn, layer.o_proj, f"{p}.self_attn.o_proj")
+        attn = g.linear(attn, layer.o_proj, f"{p}.{LINEARS['o_proj']}")
         x, residual = g.skip_rms_norm(attn, residual, layer.post_attention_layernorm, dims.rms_norm_eps,
                                       f"{p}.post_attention_layernorm.weight")
-        gate, up = g.linears(x, [layer.gate_proj, layer.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+        gate, up = g.linears(x, [layer.gate_proj, layer.up_proj],
+                             [f"{p}.{LINEARS[n]}" for n in ("gate_proj", "up_proj")])
         mlp_out = g.linear(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), layer.down_proj,
-                           f"{p}.mlp.down_proj")
+                           f"{p}.{LINEARS['down_proj']}")
         count += 1
         if on_layer is not None:
             on_layer(i, g.weights.offset)  # bytes written so far

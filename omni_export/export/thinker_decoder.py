@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from functools import partial
 
-from omni_export.export.decoder_graph import (LINEARS, DecoderLayer, TextDims, build_decoder_graph, head_dim, past_names,  # noqa: F401
-                            present_names)
-
 from omni_runtime.bundle.names import THINKER_DECODER as GRAPH_NAME
+
+from omni_export.export.decoder_graph import (DecoderLayer, TextDims, build_decoder_graph, head_dim,  # noqa: F401
+                                              past_names, present_names)
+
 FILE_NAME = "thinker_decoder.onnx"
 
 #: ``build_graph(dims, layers, final_norm, lm_head, out_dir, emit=..., accuracy_level=..., on_layer=...)``

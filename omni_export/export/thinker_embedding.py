@@ -15,11 +15,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from omni_runtime.bundle.names import THINKER_EMBEDDING as GRAPH_NAME
+
 from omni_export.quant.types import QuantWeight
 from omni_export.export.onnx_graph import GraphBuilder
 from omni_export.export.onnx_io import ExportedGraph
 
-from omni_runtime.bundle.names import THINKER_EMBEDDING as GRAPH_NAME
 FILE_NAME = "thinker_embedding.onnx"
 
 

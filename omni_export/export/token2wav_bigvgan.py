@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from omni_runtime.bundle.names import TOKEN2WAV_BIGVGAN as GRAPH_NAME
+
 from omni_export.export.onnx_graph import GraphBuilder
 from omni_export.export.onnx_io import ExportedGraph
 
-from omni_runtime.bundle.names import TOKEN2WAV_BIGVGAN as GRAPH_NAME
 FILE_NAME = "token2wav_bigvgan.onnx"
 F = ir.DataType.FLOAT
 MIN_DB = -115.0          # process_mel_spectrogram: amplitude floor and normalisation range (dB)

@@ -38,10 +38,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from omni_runtime.bundle.names import TOKEN2WAV_DIT as GRAPH_NAME
+
 from omni_export.export.onnx_graph import GraphBuilder, Linear
 from omni_export.export.onnx_io import ExportedGraph
 
-from omni_runtime.bundle.names import TOKEN2WAV_DIT as GRAPH_NAME
 FILE_NAME = "token2wav_dit.onnx"
 F = ir.DataType.FLOAT
 I64 = ir.DataType.INT64

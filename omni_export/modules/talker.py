@@ -12,15 +12,20 @@ The manifest's ``config.talker`` block holds what ``omni_runtime.stages.talker``
 graphs: the decoder's shapes, the codec ids (bos/eos/pad/mask), the thinker-vocabulary ids of
 the talker's text stream (eos/pad), the stop and suppressed codes, and transformers'
 ``Qwen2_5OmniForConditionalGeneration.generate`` sampling defaults for the talker.
+
+Checkpoint names (under ``talker.``, the same in transformers 4.5x and 5): the decoder's layers
+under ``model.layers``, and the tensors of ``TENSORS`` around them.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from omni_runtime.bundle.names import MODULE_GRAPHS
+
 from omni_export.checkpoint.reader import CheckpointError
-from omni_export.export import talker_decoder
-from omni_export.export.talker_decoder import TalkerWeights, talker_dims
-from omni_export.build.recipes import RecipeError
-from omni_export.modules.base import BuildContext, Module
+from omni_export.export.decoder_weights import LINEARS, DecoderWeights
+from omni_export.modules.base import BuildContext, Module, ModuleBuild
 
 #: ``Qwen2_5OmniForConditionalGeneration.generate``'s talker defaults (transformers 5,
 #: modeling_qwen2_5_omni.py): talker_do_sample, talker_top_k, talker_top_p, talker_temperature,
@@ -29,38 +34,41 @@ from omni_export.modules.base import BuildContext, Module
 SAMPLING_DEFAULTS = {"do_sample": True, "top_k": 40, "top_p": 0.8, "temperature": 0.9,
                      "repetition_penalty": 1.05, "max_new_tokens": 4096}
 
+#: The talker's tensors around its decoder layers (local names): graph part -> tensor or linear.
+TENSORS = {"codec_embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+           "input_proj": "thinker_to_talker_proj", "codec_head": "codec_head"}
+NO_TALKER_FIX = ("the checkpoint is incomplete: download all weight shards, or set enable_audio_output: false "
+                 "in config.json for a text-only bundle")
+
 
 class TalkerModule(Module):
     name = "talker"
-    graphs = (talker_decoder.EMBEDDING_GRAPH_NAME, talker_decoder.GRAPH_NAME)
+    description = "the talker (speech codec tokens from the thinker's states), with its codec embeddings"
+    graphs = MODULE_GRAPHS[name]
+    prefixes = ("talker.",)
+    layer_prefix = "model.layers"
+    linears = tuple(LINEARS.values())
+    missing_fix = NO_TALKER_FIX
 
     def _config(self):
         return self.ckpt.config.talker_config
 
     def skip_reason(self) -> str | None:
         """Why this checkpoint has no talker to export (the bundle is then text-only), or None."""
-        if not self.ckpt.raw_config.get("enable_audio_output", True):
-            return "enable_audio_output is false in config.json"
-        if not isinstance(self.ckpt.raw_config.get("talker_config"), dict):
-            return "config.json has no talker_config"
-        if not any(name.startswith(talker_decoder.PREFIX) for name in self.ckpt.weight_map):
-            return "the checkpoint has no talker weights (talker.*)"
-        return None
+        return no_speech_reason(self, "talker_config")
+
+    def weights(self) -> TalkerWeights:
+        return TalkerWeights(self.ckpt)
+
+    def required_tensors(self) -> list[str]:
+        """Every tensor the talker graphs need; biases are optional."""
+        return [TENSORS["codec_embedding"], TENSORS["final_norm"], f"{TENSORS['input_proj']}.weight",
+                f"{TENSORS['codec_head']}.weight", *self.weights().required()]
 
     def check(self) -> None:
-        s = self.settings
-        if s.weights != "float32":
-            raise RecipeError(f"modules.talker.weights {s.weights}: the talker is exported in float32 only for now",
-                              path=s.name, fix="set modules.talker.weights: float32 (method: none)")
         if self.skip_reason() is not None:
             return
-        missing = TalkerWeights(self.ckpt).missing()
-        if missing:
-            raise CheckpointError(f"talker weights are missing: {', '.join('talker.' + t for t in missing[:3])}"
-                                  + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
-                                  path=self.ckpt.root,
-                                  fix="the checkpoint is incomplete: download all weight shards, or set "
-                                      "enable_audio_output: false in config.json for a text-only bundle")
+        super().check()
         cfg = self._config()
         if cfg.embedding_size != self.ckpt.text_config().hidden_size:
             raise CheckpointError(f"talker_config.embedding_size {cfg.embedding_size} differs from the thinker's "
@@ -68,24 +76,28 @@ class TalkerModule(Module):
                                   path=self.ckpt.root / "config.json",
                                   fix="the talker does not belong to this thinker: use the original config.json")
 
+    def dims(self):
+        from omni_export.export.talker_decoder import talker_dims
+
+        return talker_dims(self._config())
+
     def memory_estimate(self) -> int:
         """The codec table and one decoder layer in float32 a few times over, plus a margin."""
         if self.skip_reason() is not None:
             return 0
         cfg = self._config()
-        d = talker_dims(cfg)
+        d = self.dims()
         layer = d.layer_float_bytes(cfg.intermediate_size)
         table = 4 * d.vocab_size * max(cfg.embedding_size, d.hidden_size)
         return int(3 * max(layer, table) + 1.0e9)
 
     def config(self) -> dict:
         cfg = self._config()
-        d = talker_dims(cfg)
         codec = {"bos": int(cfg.tts_codec_start_token_id), "eos": int(cfg.tts_codec_end_token_id),
                  "pad": int(cfg.tts_codec_pad_token_id), "mask": int(cfg.tts_codec_mask_token_id)}
         return {
             "enable_audio_output": True,
-            **d.manifest_config(),
+            **self.dims().manifest_config(),
             "embedding_size": int(cfg.embedding_size),
             "codec": codec,
             # thinker-vocabulary ids of the talker's text stream (embedded with thinker_embedding)
@@ -96,9 +108,11 @@ class TalkerModule(Module):
             "sampling": dict(SAMPLING_DEFAULTS),
         }
 
-    def build(self, ctx: BuildContext) -> dict:
-        weights = TalkerWeights(self.ckpt)
-        dims = talker_dims(self._config())
+    def write(self, ctx: BuildContext) -> ModuleBuild:
+        from omni_export.export import talker_decoder
+
+        weights = self.weights()
+        dims = self.dims()
         total = dims.num_hidden_layers + 2
         ctx.progress("talker codec embedding", 0, total)
         embedding = talker_decoder.build_embedding_graph(weights.codec_embedding(), ctx.out_dir)
@@ -112,4 +126,40 @@ class TalkerModule(Module):
                                              ctx.out_dir, on_layer=on_layer, input_proj=weights.input_proj(),
                                              input_width=int(self._config().embedding_size))
         ctx.progress("talker done", total, total)
-        return {talker_decoder.EMBEDDING_GRAPH_NAME: (embedding, None), talker_decoder.GRAPH_NAME: (decoder, None)}
+        return ModuleBuild({talker_decoder.EMBEDDING_GRAPH_NAME: (embedding, None),
+                            talker_decoder.GRAPH_NAME: (decoder, None)})
+
+    def verify(self, ctx):
+        from omni_export.verify.checks import talker
+        return talker.verify(self, ctx)
+
+
+class TalkerWeights(DecoderWeights):
+    """Lazy float32 access to the talker's tensors (``talker.*``), one decoder layer at a time."""
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt, TalkerModule.prefixes, ckpt.config.talker_config.num_hidden_layers,
+                         layer_prefix=TalkerModule.layer_prefix, fix=NO_TALKER_FIX)
+
+    def final_norm(self) -> np.ndarray:
+        return self.read([TENSORS["final_norm"]])[TENSORS["final_norm"]]
+
+    def input_proj(self):
+        return self.linear(TENSORS["input_proj"])
+
+    def codec_head(self):
+        return self.linear(TENSORS["codec_head"])
+
+    def codec_embedding(self) -> np.ndarray:
+        return self.read([TENSORS["codec_embedding"]])[TENSORS["codec_embedding"]]
+
+
+def no_speech_reason(module: Module, config_key: str) -> str | None:
+    """Why a speech module (the talker, token2wav) has nothing to export, or None: audio output is
+    off, config.json has no ``config_key`` section, or the checkpoint has none of its tensors."""
+    raw = module.ckpt.raw_config
+    if not raw.get("enable_audio_output", True):
+        return "enable_audio_output is false in config.json"
+    if not isinstance(raw.get(config_key), dict):
+        return f"config.json has no {config_key}"
+    return module.no_weights()

@@ -1,6 +1,6 @@
 """The thinker module: token embedding graph + decoder graph, compiled one layer at a time.
 
-Recipe section ``modules.thinker`` (omni_export/build/recipes.py) decides the weights:
+Recipe section ``modules.thinker`` (every key of ``omni_export.build.recipes.KEYS``) decides the weights:
 
 - ``weights: float32``: the checkpoint's weights in float32;
 - ``weights: int4, method: rtn``: block-wise round-to-nearest int4 per linear;
@@ -11,59 +11,61 @@ Recipe section ``modules.thinker`` (omni_export/build/recipes.py) decides the we
 
 Each decoder layer is read from the safetensors files, quantized and written to the graph's
 external data before the next one is read, so memory holds about one layer, plus the
-embedding table and lm_head at their turn.
+embedding table and lm_head at their turn. The build info records each layer's time and
+bytes, the embedding and lm_head bytes, and the AWQ statistics of each layer.
+
+Checkpoint names: the text model's tensors under ``prefixes`` (``layers.<i>.<linear>.weight``,
+``embed_tokens.weight``, ``norm.weight``), the lm_head under ``thinker.`` (tied to the embedding
+when the config says so); an AutoAWQ linear is ``<linear>.qweight/qzeros/scales``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from omni_export.checkpoint.reader import CheckpointError
-from omni_export.export import thinker_decoder, thinker_embedding
-from omni_export.export.onnx_graph import Linear
-from omni_export.export.thinker_decoder import LINEARS, DecoderLayer, TextDims
-from omni_export.build.recipes import RecipeError
-from omni_export.quant.types import QuantWeight
-from omni_export.modules.base import BuildContext, Module
+from omni_runtime.bundle.names import MODULE_GRAPHS
 
+from omni_export.build.recipes import KEYS
+from omni_export.export.decoder_weights import LINEARS, DecoderWeights
+from omni_export.modules.base import BuildContext, Module, ModuleBuild
+from omni_export.quant.types import QuantWeight
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omni_export.export.decoder_graph import DecoderLayer, TextDims
+
+#: bits of a quantized embedding table / lm_head, by recipe value
 TABLE_BITS = {"int8": 8, "int4": 4}
-ROWS_PER_SLICE = 8192
+EMBEDDING = "embed_tokens.weight"
+FINAL_NORM = "norm.weight"
+#: the lm_head, local name under HEAD_PREFIXES
+LM_HEAD = "lm_head.weight"
+HEAD_PREFIXES = ("thinker.",)
 
 
 class ThinkerModule(Module):
     name = "thinker"
-    graphs = (thinker_embedding.GRAPH_NAME, thinker_decoder.GRAPH_NAME)
-
-    def __init__(self, ckpt, settings, **kwargs):
-        super().__init__(ckpt, settings, **kwargs)
-        self._autoawq: dict | None = None
+    description = "the thinker's text decoder, with its token embeddings and lm_head"
+    graphs = MODULE_GRAPHS[name]
+    recipe_keys = tuple(KEYS)
+    precisions = ("float32", "int4")
+    planned = {"float16": "float16 is not built yet (it arrives with the GPU recipes)",
+               "int8": "int8 weights arrive with the w8a8 recipe"}
+    prefixes = ("thinker.model.language_model.", "thinker.model.")  # transformers 5.x, 4.5x
+    linears = tuple(LINEARS.values())
 
     # -- checks and estimates ---------------------------------------------------------------
-    def check(self) -> None:
-        try:  # TEMP until quant.autoawq_checkpoint lands
-            from omni_export.quant.autoawq_checkpoint import detect_autoawq
-        except ImportError:
-            detect_autoawq = lambda raw: None  # noqa: E731
-
-        s = self.settings
-        if s.weights == "float16":
-            raise RecipeError("modules.thinker.weights float16 is not built yet (it arrives with the GPU recipes)",
-                              path=s.name, fix="use weights: float32 or int4")
-        try:
-            self._autoawq = detect_autoawq(self.ckpt.raw_config)
-        except ValueError as exc:
-            raise CheckpointError(str(exc), path=self.ckpt.root / "config.json",
-                                  fix="use an AutoAWQ GEMM 4-bit checkpoint (quant_method awq, version gemm, bits 4) "
-                                      "or the original float checkpoint") from None
-
     @property
     def imports_autoawq(self) -> bool:
-        return self._autoawq is not None and self.settings.quantized
+        """An AutoAWQ checkpoint built with an int4 recipe: its int4 weights go in as they are."""
+        return self.ckpt.autoawq is not None and self.settings.quantized
 
     def dims(self) -> TextDims:
+        from omni_export.export.decoder_graph import TextDims
+
         return TextDims.from_config(self.ckpt.text_config())
 
     def memory_estimate(self) -> int:
@@ -81,79 +83,127 @@ class ThinkerModule(Module):
         return int(max(4 * layer + calib, 2 * table + layer) + 1.5e9)
 
     def config(self) -> dict:
-        d = self.dims()
         thinker = self.ckpt.config.thinker_config
         return {
-            **d.manifest_config(),
-            # TMRoPE constants (omni_runtime.prompt.rope.RopeConfig)
-            "position_id_per_seconds": int(getattr(thinker, "position_id_per_seconds", 25)),
-            "seconds_per_chunk": int(getattr(thinker, "seconds_per_chunk", 2)),
+            **self.dims().manifest_config(),
+            # TMRoPE constants (omni_runtime.prompt.rope.RopeConfig), transformers' config defaults them
+            "position_id_per_seconds": int(thinker.position_id_per_seconds),
+            "seconds_per_chunk": int(thinker.seconds_per_chunk),
             "spatial_merge_size": int(thinker.vision_config.spatial_merge_size),
         }
 
     # -- weights ----------------------------------------------------------------------------
+    def weights(self) -> ThinkerWeights:
+        """The text model's float tensors: embedding, decoder layers, final norm, lm_head."""
+        return ThinkerWeights(self.ckpt)
+
+    def float_layers(self) -> Iterator[DecoderLayer]:
+        """The decoder layers in float32 (the float recipes' weights); an AutoAWQ checkpoint's
+        int4 linears dequantized, what the checkpoint means."""
+        weights = self.weights()
+        if self.ckpt.autoawq is None:
+            yield from weights.float_layers()
+            return
+        from omni_export.export.onnx_graph import Linear
+
+        for i in range(weights.num_layers):
+            layer = self._autoawq_layer(weights, i)
+            for field in LINEARS:
+                linear = getattr(layer, field)
+                if isinstance(linear.weight, QuantWeight):
+                    setattr(layer, field, Linear(linear.weight.dequantize(), linear.bias))
+            yield layer
+
     def _quantize(self, weight: np.ndarray, bits: int, clip=None) -> QuantWeight:
         from omni_export.quant import rtn
 
-        # Rows are independent: quantize in slices so the temporaries stay small next to the
-        # embedding table / lm_head (152064 x 3584 floats for the real 7B).
-        parts = [rtn.quantize(weight[r:r + ROWS_PER_SLICE], self.settings.group_size, bits=bits,
-                              symmetric=self.settings.symmetric,
-                              clip=None if clip is None else clip[r:r + ROWS_PER_SLICE])
-                 for r in range(0, weight.shape[0], ROWS_PER_SLICE)]
-        if len(parts) == 1:
-            return parts[0]
-        return QuantWeight(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
-                           np.concatenate([p.zeros for p in parts]), parts[0].group_size, bits)
+        return rtn.quantize_rows(weight, self.settings.group_size, bits=bits, symmetric=self.settings.symmetric,
+                                 clip=clip)
 
     def _quantize_layer(self, i: int, layer: DecoderLayer, clips: dict | None = None) -> DecoderLayer:
+        from omni_export.export.onnx_graph import Linear
+
         for field, path in LINEARS.items():
-            if self.settings.keeps_float(f"layers.{i}.{path}"):
+            if self.settings.keeps_float(f"{self.layer_prefix}.{i}.{path}"):
                 continue
             linear = getattr(layer, field)
             clip = None if clips is None else clips.get(path)
             setattr(layer, field, Linear(self._quantize(linear.weight, 4, clip), linear.bias))
         return layer
 
-    def layers(self, ctx: BuildContext, weights) -> Iterator[DecoderLayer]:
+    def _layers(self, weights: ThinkerWeights, awq_stats: list) -> Iterator[DecoderLayer]:
+        """The decoder layers as the recipe builds them (AWQ appends its per-layer statistics)."""
         s = self.settings
         if self.imports_autoawq:
             for i in range(weights.num_layers):
                 yield self._autoawq_layer(weights, i)
-        elif self._autoawq is not None:  # a float recipe on an AutoAWQ checkpoint: dequantized weights
-            for i in range(weights.num_layers):
-                layer = self._autoawq_layer(weights, i)
-                for field in LINEARS:
-                    linear = getattr(layer, field)
-                    if isinstance(linear.weight, QuantWeight):
-                        setattr(layer, field, Linear(linear.weight.dequantize(), linear.bias))
-                yield layer
-        elif s.method == "none":
-            yield from weights.float_layers()
+        elif s.method == "none":  # float weights (an AutoAWQ checkpoint's dequantized)
+            yield from self.float_layers()
         elif s.method == "rtn":
             for i in range(weights.num_layers):
                 yield self._quantize_layer(i, weights.float_layer(i))
-        else:  # awq
-            from omni_export.quant.awq_pipeline import awq_layers
+        else:
+            yield from self._awq_layers(weights, awq_stats)
 
-            yield from awq_layers(self, ctx, weights)
+    def _awq_layers(self, weights: ThinkerWeights, stats: list) -> Iterator[DecoderLayer]:
+        """AWQ over the thinker, one decoder layer at a time.
 
-    def _autoawq_layer(self, weights, i: int) -> DecoderLayer:
+        The calibration token ids (``omni_export.build.calibration``) are embedded with the
+        checkpoint's table; then for each layer its float weights become a transformers
+        ``Qwen2_5OmniDecoderLayer``, ``quant.awq.awq_layer`` searches and folds the scales and
+        searches the clipping values, the layer's output on the calibration states becomes the
+        next layer's input (the scaled float layer computes the same function as the original),
+        and the scaled weights are quantized to int4. Only one layer's weights and the
+        calibration activations are in memory at a time."""
+        import torch
+
+        from omni_export.build.calibration import calibration_ids
+        from omni_export.export.decoder_graph import DecoderLayer
+        from omni_export.export.thinker_weights import torch_decoder_layer
+        from omni_export.quant.awq import AwqConfig, AwqStats, awq_layer, layer_kwargs_for
+
+        text_config = self.ckpt.text_config()
+        ids = calibration_ids(self.calibration, self.ckpt)
+        table = weights.embedding()
+        hidden = torch.from_numpy(table[ids])  # [samples, seq, hidden]
+        del table
+        kwargs = layer_kwargs_for(text_config, ids.shape[1])
+        config = AwqConfig(group_size=self.settings.group_size, symmetric=self.settings.symmetric)
+        for i in range(weights.num_layers):
+            started = time.perf_counter()
+            layer = torch_decoder_layer(text_config, i, weights.float_layer(i))
+            layer_stats = AwqStats()
+            clips = awq_layer(layer, hidden, kwargs, config, layer_stats)
+            with torch.no_grad():
+                out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            scaled = DecoderLayer(
+                layer.input_layernorm.weight.detach().numpy().copy(),
+                layer.post_attention_layernorm.weight.detach().numpy().copy(),
+                **{field: _torch_linear(layer, path) for field, path in LINEARS.items()})
+            del layer
+            stats.append({"layer": i, "seconds": round(time.perf_counter() - started, 2),
+                          "search_seconds": {k: round(v, 2) for k, v in layer_stats.seconds.items()},
+                          "ratios": layer_stats.ratios})
+            yield self._quantize_layer(i, scaled, clips)
+
+    def _autoawq_layer(self, weights: ThinkerWeights, i: int) -> DecoderLayer:
         """Layer ``i`` of an AutoAWQ checkpoint: its int4 linears exactly as stored, norms and biases in float."""
-        from omni_export.quant.autoawq_checkpoint import read_autoawq_linear
+        from omni_export.checkpoint.autoawq import read_autoawq_linear
+        from omni_export.export.decoder_graph import DecoderLayer
+        from omni_export.export.onnx_graph import Linear
 
-        p = f"layers.{i}."
-        t = weights.read([f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"])
+        p = weights.layer_path(i)
         linears = {}
         for field, path in LINEARS.items():
             target = f"{p}{path}"
-            bias = weights.read([f"{target}.bias"])[f"{target}.bias"] if weights.has(f"{target}.bias") else None
             if weights.has(f"{target}.qweight"):
-                qweight = weights.names[f"{target}.qweight"]
-                linears[field] = Linear(read_autoawq_linear(self.ckpt, qweight[: -len(".qweight")]), bias)
+                bias = weights.read([f"{target}.bias"])[f"{target}.bias"] if weights.has(f"{target}.bias") else None
+                prefix = weights.names[f"{target}.qweight"][: -len(".qweight")]  # the checkpoint's name
+                linears[field] = Linear(read_autoawq_linear(self.ckpt, prefix), bias)
             else:  # modules_to_not_convert: kept in float by AutoAWQ
-                linears[field] = Linear(weights.read([f"{target}.weight"])[f"{target}.weight"], bias)
-        return DecoderLayer(t[f"{p}input_layernorm.weight"], t[f"{p}post_attention_layernorm.weight"], **linears)
+                linears[field] = weights.linear(target)
+        return DecoderLayer(**weights.norms(i), **linears)
 
     def _table(self, kind: str, array_fn) -> np.ndarray | QuantWeight:
         dtype = getattr(self.settings, kind)
@@ -162,21 +212,22 @@ class ThinkerModule(Module):
             return array
         return self._quantize(array, TABLE_BITS[dtype])
 
-    # -- build ------------------------------------------------------------------------------
-    def build(self, ctx: BuildContext) -> dict:
-        from omni_export.export.thinker_weights import ThinkerWeights
+    # -- build and verify -------------------------------------------------------------------
+    def write(self, ctx: BuildContext) -> ModuleBuild:
+        from omni_export.export import thinker_decoder, thinker_embedding
+        from omni_export.export.onnx_graph import Linear
 
         s = self.settings
-        weights = ThinkerWeights(self.ckpt)
+        weights = self.weights()
         dims = self.dims()
         total = dims.num_hidden_layers + 2
         ctx.progress("thinker embedding", 0, total)
         table = self._table("embeddings", weights.embedding)
         embedding = thinker_embedding.build_graph(table, ctx.out_dir)
-        embed_bytes = _nbytes(table)
+        embed_bytes = int(table.nbytes)
         del table
         ctx.progress("thinker decoder layer 1", 1, total)
-        layer_bytes, layer_seconds = [], []
+        layer_bytes, layer_seconds, awq_stats = [], [], []
         marks = {"offset": 0, "time": time.perf_counter()}
 
         def on_layer(i: int, offset: int) -> None:
@@ -190,34 +241,69 @@ class ThinkerModule(Module):
         def lm_head() -> Linear:
             return Linear(self._table("lm_head", weights.lm_head))
 
-        method = "autoawq" if self.imports_autoawq else s.method
-        decoder = thinker_decoder.build_graph(dims, self.layers(ctx, weights), weights.final_norm(), lm_head,
+        decoder = thinker_decoder.build_graph(dims, self._layers(weights, awq_stats), weights.final_norm(), lm_head,
                                               ctx.out_dir, emit=s.emit, accuracy_level=s.accuracy_level,
                                               on_layer=on_layer)
         ctx.progress("thinker done", total, total)
-        ctx.stats["thinker"] = {"layer_bytes": layer_bytes, "layer_seconds": layer_seconds,
-                                "embedding_bytes": embed_bytes}
         quant = None
         if s.quantized:
-            quant = {"weights": s.weights, "method": method, "group_size": self._group_size(),
+            quant = {"weights": s.weights, "method": "autoawq" if self.imports_autoawq else s.method,
+                     "group_size": self.ckpt.autoawq["group_size"] if self.imports_autoawq else s.group_size,
                      "symmetric": s.symmetric, "accuracy_level": s.accuracy_level, "emit": s.emit,
                      "lm_head": s.lm_head, "keep_float": list(s.keep_float)}
         embed_quant = None if s.embeddings in (None, "float32") else {
             "weights": s.embeddings, "method": "rtn", "group_size": s.group_size, "symmetric": s.symmetric}
-        return {thinker_embedding.GRAPH_NAME: (embedding, embed_quant),
-                thinker_decoder.GRAPH_NAME: (decoder, quant)}
+        decoder_bytes = sum((ctx.out_dir / f).stat().st_size for f in decoder.external_data)
+        info = {"layer_seconds": [round(t, 3) for t in layer_seconds],
+                # per decoder layer, embedding table, lm_head and the rest (to project to the real layer count)
+                "weight_bytes": {"per_layer": layer_bytes, "embeddings": embed_bytes,
+                                 "lm_head_and_norm": max(0, decoder_bytes - sum(layer_bytes))}}
+        if awq_stats:
+            info["awq"] = awq_stats
+        return ModuleBuild({thinker_embedding.GRAPH_NAME: (embedding, embed_quant),
+                            thinker_decoder.GRAPH_NAME: (decoder, quant)}, info)
 
-    def _group_size(self) -> int:
-        if self.imports_autoawq:
-            return int(self._autoawq["group_size"])
-        return self.settings.group_size
-
-    def size_info(self, stats: dict) -> dict:
-        """Per-layer weight bytes etc. for the manifest (used to project to the real layer count)."""
-        return stats
+    def verify(self, ctx):
+        from omni_export.verify.checks import thinker
+        return thinker.verify(self, ctx)
 
 
-def _nbytes(table) -> int:
-    if isinstance(table, QuantWeight):
-        return int(table.q.size * table.bits // 8 + table.scales.nbytes + table.zeros.nbytes)
-    return int(table.nbytes)
+class ThinkerWeights(DecoderWeights):
+    """Lazy float32 access to the thinker text model's tensors, grouped per decoder layer."""
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt, ThinkerModule.prefixes, ckpt.text_config().num_hidden_layers)
+
+    def final_norm(self) -> np.ndarray:
+        return self.read([FINAL_NORM])[FINAL_NORM]
+
+    def embedding(self) -> np.ndarray:
+        """The token embedding table [vocab, hidden] float32."""
+        return self.read([EMBEDDING])[EMBEDDING]
+
+    def _lm_head(self) -> tuple[tuple[str, ...], str]:
+        """(prefixes, local name) of the lm_head weight: its own, or the embedding table when tied."""
+        tied = self.ckpt.config.thinker_config.text_config.tie_word_embeddings
+        if tied and LM_HEAD not in self.ckpt.tensor_names(HEAD_PREFIXES):
+            return self.prefixes, EMBEDDING
+        return HEAD_PREFIXES, LM_HEAD
+
+    def lm_head_name(self) -> str:
+        """The checkpoint name of the lm_head weight (the embedding table's when tied)."""
+        prefixes, name = self._lm_head()
+        self.ckpt.require(prefixes, [name])
+        return self.ckpt.prefix(prefixes) + name
+
+    def lm_head(self) -> np.ndarray:
+        """The lm_head weight [vocab, hidden] float32 (the embedding table when tied)."""
+        prefixes, name = self._lm_head()
+        return self.ckpt.tensors(prefixes, [name])[name].numpy()
+
+
+def _torch_linear(layer, path: str):
+    """The float ``Linear`` (arrays copied) of the torch submodule ``path`` of ``layer``."""
+    from omni_export.export.onnx_graph import Linear
+
+    m = layer.get_submodule(path)
+    bias = None if m.bias is None else m.bias.detach().numpy().copy()
+    return Linear(m.weight.detach().numpy().copy(), bias)

@@ -20,6 +20,10 @@ The manifest's ``config.token2wav`` block (``config()``) holds the constants of 
 and streaming (``omni_runtime.stages.token2wav``) and the speakers. A checkpoint without a talker
 (``enable_audio_output: false``, or no ``token2wav.*`` tensors) builds a text-only bundle:
 ``skip_reason()`` says why and the module is left out.
+
+Checkpoint names: the DiT's under ``DIT_PREFIX`` (``DIT_LINEARS``, ``DIT_TENSORS``, and
+``transformer_blocks.<i>.`` + ``LAYER_LINEARS``), the BigVGAN's under ``BIGVGAN_PREFIX``
+(read whole; ``bigvgan_tensors()`` lists what the graph needs).
 """
 
 from __future__ import annotations
@@ -28,16 +32,15 @@ import re
 
 import numpy as np
 
-from omni_export.checkpoint.reader import CheckpointError
-from omni_export.export import token2wav_bigvgan, token2wav_dit
-from omni_export.export.onnx_graph import Linear
-from omni_export.export.token2wav_bigvgan import AMPBlock, BigVGANDims, BigVGANWeights, Conv, Snake
-from omni_export.export.token2wav_dit import DiTDims, DiTLayer, DiTWeights
-from omni_export.build.recipes import RecipeError
-from omni_export.modules.base import BuildContext, Module
+from omni_runtime.bundle.names import MODULE_GRAPHS
 
-DIT_PREFIX = "token2wav.code2wav_dit_model."
-BIGVGAN_PREFIX = "token2wav.code2wav_bigvgan_model."
+from omni_export.checkpoint.reader import CheckpointError
+from omni_export.modules.base import BuildContext, Module, ModuleBuild, linear, weight_and_bias
+from omni_export.modules.talker import TalkerModule, no_speech_reason
+
+PREFIX = "token2wav."
+DIT_PREFIX = f"{PREFIX}code2wav_dit_model."
+BIGVGAN_PREFIX = f"{PREFIX}code2wav_bigvgan_model."
 SPEAKER_FILE = "spk_dict.pt"
 SPEAKER_DIR = "token2wav_speakers"
 SPEAKER_TENSORS = ("speaker_embedding", "reference_embedding", "null_reference_embedding")
@@ -59,12 +62,17 @@ ODE_DEFAULTS = {"solver": "rk4", "stream_solver": "euler", "steps": 10, "guidanc
 STREAM_DEFAULTS = {"dit_chunk_codes": 48, "dit_left_context_codes": 24, "dit_right_context_codes": 12,
                    "vocoder_left_context_frames": 20, "vocoder_right_context_frames": 20}
 
-_LAYER_LINEARS = {"attn_norm": "attn_norm.linear", "to_q": "attn.to_q", "to_k": "attn.to_k", "to_v": "attn.to_v",
-                  "to_out": "attn.to_out.0", "ff_in": "ff.ff.0", "ff_out": "ff.ff.3"}
-_DIT_LINEARS = {"time_mlp_in": "time_embed.time_mlp.0", "time_mlp_out": "time_embed.time_mlp.2",
-                "input_proj": "input_embed.proj", "norm_out": "norm_out.linear", "proj_out": "proj_out"}
-_CODEC_EMBED = "text_embed.codec_embed.weight"
-_SPK_ENCODER = "input_embed.spk_encoder."
+#: DiTLayer field -> path inside ``transformer_blocks.<i>.`` (weight and bias each)
+LAYER_LINEARS = {"attn_norm": "attn_norm.linear", "to_q": "attn.to_q", "to_k": "attn.to_k", "to_v": "attn.to_v",
+                 "to_out": "attn.to_out.0", "ff_in": "ff.ff.0", "ff_out": "ff.ff.3"}
+#: DiTWeights field -> path: its linears (weight and bias each) and the codec table
+DIT_LINEARS = {"time_mlp_in": "time_embed.time_mlp.0", "time_mlp_out": "time_embed.time_mlp.2",
+               "input_proj": "input_embed.proj", "norm_out": "norm_out.linear", "proj_out": "proj_out"}
+CODEC_EMBED = "text_embed.codec_embed.weight"
+DIT_TENSORS = [CODEC_EMBED, *weight_and_bias(DIT_LINEARS.values())]
+LAYER_TENSORS = weight_and_bias(LAYER_LINEARS.values())
+#: the DiT's speaker encoder (ECAPA-TDNN, run here with transformers' module), read whole
+SPK_ENCODER = "input_embed.spk_encoder."
 
 
 def speaker_file_stems(names: list[str]) -> dict[str, str]:
@@ -83,8 +91,15 @@ def speaker_file_stems(names: list[str]) -> dict[str, str]:
 
 class Token2WavModule(Module):
     name = "token2wav"
-    graphs = (token2wav_dit.GRAPH_NAME, token2wav_bigvgan.GRAPH_NAME)
+    description = "token2wav: the DiT (speech codes -> mel, one ODE velocity per run) and the BigVGAN vocoder"
+    graphs = MODULE_GRAPHS[name]
+    prefixes = (PREFIX,)
+    dit_prefixes = (DIT_PREFIX,)
+    bigvgan_prefixes = (BIGVGAN_PREFIX,)
+    layer_prefix = "transformer_blocks"
+    linears = tuple(LAYER_LINEARS.values())
     requires = ("talker",)  # codes come from the talker: no talker, no speech
+    missing_fix = TalkerModule.missing_fix  # or a text-only bundle, as without a talker
 
     def __init__(self, ckpt, settings, **kwargs):
         super().__init__(ckpt, settings, **kwargs)
@@ -94,53 +109,44 @@ class Token2WavModule(Module):
     def _token2wav_config(self):
         return self.ckpt.config.token2wav_config
 
-    def dit_dims(self) -> DiTDims:
+    def dit_dims(self):
+        from omni_export.export.token2wav_dit import DiTDims
+
         return DiTDims.from_config(self._token2wav_config().dit_config)
 
-    def bigvgan_dims(self) -> BigVGANDims:
+    def bigvgan_dims(self):
+        from omni_export.export.token2wav_bigvgan import BigVGANDims
+
         return BigVGANDims.from_config(self._token2wav_config().bigvgan_config)
 
     def skip_reason(self) -> str | None:
         """Why this checkpoint has no token2wav to export (the bundle is then text-only), or None."""
-        if not self.ckpt.raw_config.get("enable_audio_output", True):
-            return "enable_audio_output is false in config.json"
-        if not isinstance(self.ckpt.raw_config.get("token2wav_config"), dict):
-            return "config.json has no token2wav_config"
-        if not any(name.startswith("token2wav.") for name in self.ckpt.weight_map):
-            return "the checkpoint has no token2wav weights (token2wav.*)"
-        return None
+        return no_speech_reason(self, "token2wav_config")
 
-    def _needed(self) -> list[str]:
-        d, v = self.dit_dims(), self.bigvgan_dims()
-        names = [DIT_PREFIX + _CODEC_EMBED]
-        names += [f"{DIT_PREFIX}{p}.{kind}" for p in _DIT_LINEARS.values() for kind in ("weight", "bias")]
-        names += [f"{DIT_PREFIX}transformer_blocks.{i}.{p}.{kind}" for i in range(d.num_hidden_layers)
-                  for p in _LAYER_LINEARS.values() for kind in ("weight", "bias")]
-        names += [f"{BIGVGAN_PREFIX}{n}" for n in ("conv_pre.weight", "conv_pre.bias", "conv_post.weight",
-                                                   "activation_post.act.alpha", "activation_post.act.beta")]
-        names += [f"{BIGVGAN_PREFIX}ups.{i}.0.{kind}" for i in range(len(v.upsample_rates))
-                  for kind in ("weight", "bias")]
+    def bigvgan_tensors(self) -> list[str]:
+        """The BigVGAN tensors the graph needs (local names under ``BIGVGAN_PREFIX``)."""
+        v = self.bigvgan_dims()
+        names = ["conv_pre.weight", "conv_pre.bias", "conv_post.weight", "activation_post.act.alpha",
+                 "activation_post.act.beta"]
+        names += weight_and_bias(f"ups.{i}.0" for i in range(len(v.upsample_rates)))
         for r in range(len(v.upsample_rates) * len(v.resblock_kernel_sizes)):
-            names += [f"{BIGVGAN_PREFIX}resblocks.{r}.{c}.{i}.{kind}" for c in ("convs1", "convs2") for i in range(3)
-                      for kind in ("weight", "bias")]
-            names += [f"{BIGVGAN_PREFIX}resblocks.{r}.activations.{i}.act.{p}" for i in range(6)
-                      for p in ("alpha", "beta")]
+            names += weight_and_bias(f"resblocks.{r}.{c}.{i}" for c in ("convs1", "convs2") for i in range(3))
+            names += [f"resblocks.{r}.activations.{i}.act.{p}" for i in range(6) for p in ("alpha", "beta")]
         return names
 
+    def required_tensors(self) -> list[str]:
+        """Local names under ``token2wav.``."""
+        dit = self.ckpt.prefix(self.dit_prefixes)[len(PREFIX):]
+        bigvgan = self.ckpt.prefix(self.bigvgan_prefixes)[len(PREFIX):]
+        names = [dit + n for n in DIT_TENSORS]
+        names += [f"{dit}{self.layer_prefix}.{i}.{n}" for i in range(self.dit_dims().num_hidden_layers)
+                  for n in LAYER_TENSORS]
+        return names + [bigvgan + n for n in self.bigvgan_tensors()]
+
     def check(self) -> None:
-        s = self.settings
-        if s.weights != "float32":
-            raise RecipeError(f"modules.token2wav.weights {s.weights}: token2wav is exported in float32 only",
-                              path=s.name, fix="set modules.token2wav.weights: float32 (method: none)")
         if self.skip_reason() is not None:
             return
-        missing = [n for n in self._needed() if n not in self.ckpt.weight_map]
-        if missing:
-            raise CheckpointError(f"token2wav weights are missing: {', '.join(missing[:3])}"
-                                  + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
-                                  path=self.ckpt.root,
-                                  fix="the checkpoint is incomplete: download all weight shards, or set "
-                                      "enable_audio_output: false in config.json for a text-only bundle")
+        super().check()
         v = self.bigvgan_dims()
         if any(len(d) != 3 for d in v.resblock_dilation_sizes):
             raise CheckpointError("bigvgan_config.resblock_dilation_sizes must hold 3 dilations per kernel size",
@@ -197,12 +203,12 @@ class Token2WavModule(Module):
         writer), plus a margin for torch and the speaker encoder."""
         if self.skip_reason() is not None:
             return 0
-        names = [n for n in self.ckpt.weight_map if n.startswith("token2wav.")]
-        bigvgan = self.ckpt.numel([n for n in names if n.startswith(BIGVGAN_PREFIX)])
-        layer0 = f"{DIT_PREFIX}transformer_blocks.0."
-        dit = self.ckpt.numel([n for n in names if n.startswith(DIT_PREFIX) and ".transformer_blocks." not in n])
-        dit += self.ckpt.numel([n for n in names if n.startswith(layer0)])
-        return int(3 * 4 * max(bigvgan, dit) + 1.0e9)
+        bigvgan = self.ckpt.numel(self.ckpt.tensor_names(self.bigvgan_prefixes).values())
+        dit = self.ckpt.tensor_names(self.dit_prefixes)
+        layers, layer0 = f"{self.layer_prefix}.", f"{self.layer_prefix}.0."
+        dit_numel = self.ckpt.numel(n for local, n in dit.items() if not local.startswith(layers))
+        dit_numel += self.ckpt.numel(n for local, n in dit.items() if local.startswith(layer0))
+        return int(3 * 4 * max(bigvgan, dit_numel) + 1.0e9)
 
     def config(self) -> dict:
         d, v = self.dit_dims(), self.bigvgan_dims()
@@ -229,36 +235,30 @@ class Token2WavModule(Module):
         }
 
     # -- weights ----------------------------------------------------------------------------
-    def _read(self, names: list[str]) -> dict[str, np.ndarray]:
-        import torch
+    def dit_weights(self):
+        from omni_export.export.token2wav_dit import DiTWeights
 
-        return {k: v.numpy() for k, v in self.ckpt.read({n: n for n in names}, torch.float32).items()}
+        t = self.arrays(DIT_TENSORS, self.dit_prefixes)
+        return DiTWeights(codec_embed=t[CODEC_EMBED], **{field: linear(t, p) for field, p in DIT_LINEARS.items()})
 
-    def _linear(self, t: dict, name: str) -> Linear:
-        return Linear(t[f"{name}.weight"], t[f"{name}.bias"])
+    def dit_layer(self, i: int):
+        from omni_export.export.token2wav_dit import DiTLayer
 
-    def dit_weights(self) -> DiTWeights:
-        names = [DIT_PREFIX + _CODEC_EMBED] + [f"{DIT_PREFIX}{p}.{k}" for p in _DIT_LINEARS.values()
-                                               for k in ("weight", "bias")]
-        t = self._read(names)
-        lin = {field: self._linear(t, DIT_PREFIX + p) for field, p in _DIT_LINEARS.items()}
-        return DiTWeights(codec_embed=t[DIT_PREFIX + _CODEC_EMBED], **lin)
+        p = f"{self.layer_prefix}.{i}."
+        t = self.arrays([p + n for n in LAYER_TENSORS], self.dit_prefixes)
+        return DiTLayer(**{field: linear(t, p + path) for field, path in LAYER_LINEARS.items()})
 
-    def dit_layer(self, i: int) -> DiTLayer:
-        p = f"{DIT_PREFIX}transformer_blocks.{i}."
-        t = self._read([f"{p}{path}.{k}" for path in _LAYER_LINEARS.values() for k in ("weight", "bias")])
-        return DiTLayer(**{field: self._linear(t, p + path) for field, path in _LAYER_LINEARS.items()})
+    def bigvgan_weights(self):
+        from omni_export.export.token2wav_bigvgan import AMPBlock, BigVGANWeights, Conv, Snake
 
-    def bigvgan_weights(self) -> BigVGANWeights:
         v = self.bigvgan_dims()
-        t = self._read([n for n in self.ckpt.weight_map if n.startswith(BIGVGAN_PREFIX)])
-        p = BIGVGAN_PREFIX
+        t = self.arrays(None, self.bigvgan_prefixes)
 
         def conv(name: str) -> Conv:
-            return Conv(t[f"{p}{name}.weight"], t.get(f"{p}{name}.bias"))
+            return Conv(t[f"{name}.weight"], t.get(f"{name}.bias"))
 
         def snake(name: str) -> Snake:
-            return Snake(t[f"{p}{name}.act.alpha"], t[f"{p}{name}.act.beta"])
+            return Snake(t[f"{name}.act.alpha"], t[f"{name}.act.beta"])
 
         blocks = [AMPBlock([conv(f"resblocks.{r}.convs1.{i}") for i in range(3)],
                            [conv(f"resblocks.{r}.convs2.{i}") for i in range(3)],
@@ -273,8 +273,7 @@ class Token2WavModule(Module):
         import torch
         from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import ECAPA_TimeDelayNet
 
-        names = [n for n in self.ckpt.weight_map if n.startswith(DIT_PREFIX + _SPK_ENCODER)]
-        state = self.ckpt.read({n: n[len(DIT_PREFIX + _SPK_ENCODER):] for n in names}, torch.float32)
+        state = self.ckpt.tensors([p + SPK_ENCODER for p in self.dit_prefixes])
         encoder = ECAPA_TimeDelayNet(self._token2wav_config().dit_config).float().eval()
         encoder.load_state_dict(state, strict=True)
         out = {}
@@ -298,7 +297,9 @@ class Token2WavModule(Module):
                 np.save(ctx.out_dir / config[name][tensor], np.ascontiguousarray(array, dtype="<f4"),
                         allow_pickle=False)
 
-    def build(self, ctx: BuildContext) -> dict:
+    def write(self, ctx: BuildContext) -> ModuleBuild:
+        from omni_export.export import token2wav_bigvgan, token2wav_dit
+
         d = self.dit_dims()
         total = d.num_hidden_layers + 3
         ctx.progress("token2wav speakers", 0, total)
@@ -313,4 +314,8 @@ class Token2WavModule(Module):
                                         ctx.out_dir, on_layer=on_layer)
         bigvgan = token2wav_bigvgan.build_graph(self.bigvgan_dims(), self.bigvgan_weights(), ctx.out_dir)
         ctx.progress("token2wav done", total, total)
-        return {token2wav_dit.GRAPH_NAME: (dit, None), token2wav_bigvgan.GRAPH_NAME: (bigvgan, None)}
+        return ModuleBuild({token2wav_dit.GRAPH_NAME: (dit, None), token2wav_bigvgan.GRAPH_NAME: (bigvgan, None)})
+
+    def verify(self, ctx):
+        from omni_export.verify.checks import token2wav
+        return token2wav.verify(self, ctx)

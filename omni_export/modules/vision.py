@@ -1,8 +1,8 @@
 """The vision module: the thinker's vision encoder (images and videos) as one graph.
 
-Recipe section ``modules.vision``: ``weights: float32`` (the only choice for now, enforced by the
-recipe schema, ``omni_export.build.recipes.MODULES``). The blocks are read from the checkpoint one at
-a time and written to the graph's external data.
+Recipe section ``modules.vision``: ``weights: float32`` (the only choice for now). The blocks are
+read from the checkpoint one at a time and written to the graph's external data. Checkpoint
+names: ``STEM`` and ``blocks.<i>.`` + ``BLOCK_NORMS`` / ``BLOCK_LINEARS`` under ``PREFIXES``.
 
 The manifest's ``config.vision`` block holds every constant the host needs to prepare inputs
 (``omni_runtime.media.vision_prep``): the encoder's shapes, the image processor's values from
@@ -12,13 +12,21 @@ sampling defaults of qwen-omni-utils (fps, frame factor, frame and pixel limits)
 
 from __future__ import annotations
 
+from omni_runtime.bundle.names import MODULE_GRAPHS
+
 from omni_export.checkpoint.reader import CheckpointError
-from omni_export.export import vision_encoder
-from omni_export.export.onnx_graph import Linear
-from omni_export.export.vision_encoder import ACTIVATIONS, VisionBlock, VisionDims, VisionWeights
-from omni_export.modules.base import BuildContext, Module
+from omni_export.modules.base import BuildContext, Module, ModuleBuild, linear, weight_and_bias
 
 PREFIXES = ("thinker.visual.", "thinker.model.visual.")  # 4.5x checkpoints, transformers 5 names
+#: VisionWeights field -> checkpoint path: the patch embedding and merger norm (weight), the merger's linears
+STEM = {"patch_embed": "patch_embed.proj", "merger_norm": "merger.ln_q"}
+STEM_LINEARS = {"merger_fc1": "merger.mlp.0", "merger_fc2": "merger.mlp.2"}
+#: VisionBlock field -> path inside ``blocks.<i>.``: the RMSNorms (weight) and the linears (weight, bias)
+BLOCK_NORMS = {"norm1": "norm1", "norm2": "norm2"}
+BLOCK_LINEARS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "proj": "attn.proj", "gate_proj": "mlp.gate_proj",
+                 "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+STEM_TENSORS = [f"{path}.weight" for path in STEM.values()] + weight_and_bias(STEM_LINEARS.values())
+BLOCK_TENSORS = [f"{path}.weight" for path in BLOCK_NORMS.values()] + weight_and_bias(BLOCK_LINEARS.values())
 
 #: Qwen2VLImageProcessor defaults, used where preprocessor_config.json lacks a value.
 IMAGE_DEFAULTS = {
@@ -44,35 +52,29 @@ VIDEO_DEFAULTS = {
 
 class VisionModule(Module):
     name = "vision"
-    graphs = (vision_encoder.GRAPH_NAME,)
+    description = "the thinker's vision encoder (image and video patches -> one embedding per 28x28 px)"
+    graphs = MODULE_GRAPHS[name]
+    prefixes = PREFIXES
+    layer_prefix = "blocks"
+    linears = tuple(BLOCK_LINEARS.values())
 
-    def dims(self) -> VisionDims:
+    def dims(self):
+        from omni_export.export.vision_encoder import VisionDims
+
         return VisionDims.from_config(self.ckpt.config.thinker_config.vision_config)
 
-    def _names(self) -> dict[str, str]:
-        """Checkpoint tensor name -> name inside the vision encoder (``blocks.0.attn.q.weight``...)."""
-        names = {}
-        for name in self.ckpt.weight_map:
-            for prefix in PREFIXES:
-                if name.startswith(prefix):
-                    names[name] = name[len(prefix):]
-        return names
+    def required_tensors(self) -> list[str]:
+        return STEM_TENSORS + [f"blocks.{i}.{n}" for i in range(self.dims().depth) for n in BLOCK_TENSORS]
 
     def check(self) -> None:
+        from omni_export.export.vision_encoder import ACTIVATIONS
+
         dims = self.dims()
         if dims.hidden_act not in ACTIVATIONS:
             raise CheckpointError(f"vision_config.hidden_act {dims.hidden_act!r} is not supported",
                                   path=self.ckpt.root / "config.json", fix=f"use one of: {', '.join(ACTIVATIONS)}")
-        targets = set(self._names().values())
-        needed = ["patch_embed.proj.weight", "merger.ln_q.weight", "merger.mlp.0.weight", "merger.mlp.2.weight",
-                  *(f"blocks.{i}.{t}.weight" for i in range(dims.depth)
-                    for t in ("norm1", "norm2", "attn.q", "attn.k", "attn.v", "attn.proj",
-                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))]
         self._check_preprocessor(dims)
-        missing = [t for t in needed if t not in targets]
-        if missing:
-            raise CheckpointError(f"vision encoder weights are missing: thinker.visual.{', '.join(missing[:3])}",
-                                  path=self.ckpt.root, fix="the checkpoint is incomplete or does not match config.json")
+        super().check()
 
     def preprocessor(self) -> dict:
         """The image processor values of ``preprocessor_config.json`` (defaults where absent)."""
@@ -85,7 +87,7 @@ class VisionModule(Module):
             pre["max_pixels"] = size["longest_edge"]
         return pre
 
-    def _check_preprocessor(self, dims: VisionDims) -> None:
+    def _check_preprocessor(self, dims) -> None:
         raw = self.ckpt.json_file("preprocessor_config.json") or {}
         path = self.ckpt.root / "preprocessor_config.json"
         if self.preprocessor()["resample"] != 3:
@@ -103,7 +105,7 @@ class VisionModule(Module):
 
     def memory_estimate(self) -> int:
         """The vision weights in float32 a few times over (reading, graph), plus a margin."""
-        return int(4 * 3 * self.ckpt.numel(list(self._names())) + 1.0e9)
+        return int(4 * 3 * self.ckpt.numel(self.ckpt.tensor_names(self.prefixes).values()) + 1.0e9)
 
     def config(self) -> dict:
         d = self.dims()
@@ -130,33 +132,27 @@ class VisionModule(Module):
             "video": dict(VIDEO_DEFAULTS),
         }
 
-    def _read(self, targets: list[str]) -> dict:
-        import torch
+    def _block(self, i: int):
+        from omni_export.export.vision_encoder import VisionBlock
 
-        by_target = {t: n for n, t in self._names().items()}
-        tensors = self.ckpt.read({by_target[t]: t for t in targets}, torch.float32)
-        return {t: tensors[t].numpy() for t in targets}
-
-    def _block(self, i: int) -> VisionBlock:
         p = f"blocks.{i}."
-        linears = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "proj": "attn.proj", "gate_proj": "mlp.gate_proj",
-                   "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
-        names = [f"{p}norm1.weight", f"{p}norm2.weight"]
-        names += [f"{p}{path}.{kind}" for path in linears.values() for kind in ("weight", "bias")]
-        t = self._read(names)
-        return VisionBlock(t[f"{p}norm1.weight"], t[f"{p}norm2.weight"],
-                           **{field: Linear(t[f"{p}{path}.weight"], t[f"{p}{path}.bias"])
-                              for field, path in linears.items()})
+        t = self.arrays([p + n for n in BLOCK_TENSORS])
+        return VisionBlock(**{field: t[f"{p}{path}.weight"] for field, path in BLOCK_NORMS.items()},
+                           **{field: linear(t, p + path) for field, path in BLOCK_LINEARS.items()})
 
-    def build(self, ctx: BuildContext) -> dict:
+    def write(self, ctx: BuildContext) -> ModuleBuild:
+        from omni_export.export import vision_encoder
+
         dims = self.dims()
-        t = self._read(["patch_embed.proj.weight", "merger.ln_q.weight", "merger.mlp.0.weight", "merger.mlp.0.bias",
-                        "merger.mlp.2.weight", "merger.mlp.2.bias"])
-        weights = VisionWeights(t["patch_embed.proj.weight"], t["merger.ln_q.weight"],
-                                Linear(t["merger.mlp.0.weight"], t["merger.mlp.0.bias"]),
-                                Linear(t["merger.mlp.2.weight"], t["merger.mlp.2.bias"]))
+        t = self.arrays(STEM_TENSORS)
+        weights = vision_encoder.VisionWeights(**{field: t[f"{path}.weight"] for field, path in STEM.items()},
+                                               **{field: linear(t, path) for field, path in STEM_LINEARS.items()})
         ctx.progress("vision encoder", 0, dims.depth)
         graph = vision_encoder.build_graph(
             dims, weights, (self._block(i) for i in range(dims.depth)), ctx.out_dir,
             on_block=lambda i: ctx.progress(f"vision block {i + 1}", i + 1, dims.depth))
-        return {vision_encoder.GRAPH_NAME: (graph, None)}
+        return ModuleBuild({vision_encoder.GRAPH_NAME: (graph, None)})
+
+    def verify(self, ctx):
+        from omni_export.verify.checks import vision
+        return vision.verify(self, ctx)

@@ -1,12 +1,13 @@
-"""Quantization: int4/int8 block formats, RTN, AWQ, AutoAWQ checkpoints.
+"""Quantization maths: int4/int8 block formats, RTN, AWQ. Pure: it reads no checkpoint and knows no
+module or graph (the thinker module streams its layers through these functions).
 
 * :mod:`.types`: :class:`QuantWeight`, the canonical block-quantized weight;
 * :mod:`.rtn`: round-to-nearest (AutoAWQ's formulas), with optional AWQ clipping;
 * :mod:`.packing`: ONNX Runtime MatMulNBits, ONNX blocked DequantizeLinear (uint4), AutoAWQ GEMM;
-* :mod:`.awq`: activation-aware scale and clip search for one thinker decoder layer (torch);
-* :mod:`.autoawq_checkpoint`: detect and read AutoAWQ GEMM checkpoints.
+* :mod:`.awq`: activation-aware scale and clip search for one decoder layer (torch).
 
-Only :mod:`.awq` imports torch at import time.
+Only :mod:`.awq` imports torch at import time. AutoAWQ checkpoints are read by
+``omni_export.checkpoint.autoawq``.
 """
 
 from omni_export.quant.types import QuantWeight

@@ -65,16 +65,17 @@ from omni_export.quant.types import SUPPORTED_BITS
 
 __all__ = ["LINEAR_NAMES", "AwqConfig", "AwqStats", "awq_layer", "fake_quantize", "layer_kwargs_for"]
 
-#: The linears of a decoder layer, by module path inside the layer.
-LINEAR_NAMES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+#: The linears of a decoder layer (module path inside the layer) -> the input features they see.
+_FEATURE_OF = {
+    "self_attn.q_proj": "attn_in",
+    "self_attn.k_proj": "attn_in",
+    "self_attn.v_proj": "attn_in",
+    "self_attn.o_proj": "o_in",
+    "mlp.gate_proj": "mlp_in",
+    "mlp.up_proj": "mlp_in",
+    "mlp.down_proj": "down_in",
+}
+LINEAR_NAMES = tuple(_FEATURE_OF)
 #: Linears AutoAWQ does not clip ("due to qk bmm, it is hard to clip precisely").
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 
@@ -473,15 +474,6 @@ def _groups(layer, cfg: AwqConfig) -> list[_Group]:
     return groups
 
 
-_FEATURE_OF = {
-    "self_attn.q_proj": "attn_in",
-    "self_attn.k_proj": "attn_in",
-    "self_attn.v_proj": "attn_in",
-    "self_attn.o_proj": "o_in",
-    "mlp.gate_proj": "mlp_in",
-    "mlp.up_proj": "mlp_in",
-    "mlp.down_proj": "down_in",
-}
 _HOOKED = {"self_attn.q_proj": "attn_in", "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.down_proj": "down_in"}
 
 

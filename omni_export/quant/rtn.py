@@ -24,7 +24,10 @@ import numpy as np
 
 from omni_export.quant.types import SUPPORTED_BITS, QuantWeight, n_blocks
 
-__all__ = ["check_group_size", "quantize"]
+__all__ = ["check_group_size", "quantize", "quantize_rows"]
+
+#: Rows quantized at a time by :func:`quantize_rows`.
+ROWS_PER_SLICE = 8192
 
 
 def check_group_size(group_size: int) -> int:
@@ -92,3 +95,17 @@ def quantize(
         zeros = zf.astype(np.uint8)
     q = q.reshape(n, g * group_size)[:, :k].astype(np.uint8)
     return QuantWeight(q=q, scales=scales, zeros=zeros, group_size=group_size, bits=bits)
+
+
+def quantize_rows(weight: np.ndarray, group_size: int, bits: int = 4, symmetric: bool = False,
+                  clip: np.ndarray | None = None, rows: int = ROWS_PER_SLICE) -> QuantWeight:
+    """:func:`quantize`, ``rows`` rows at a time: rows are independent, so the result is the same
+    while the temporaries stay small next to a large table (an embedding table or lm_head,
+    152064 x 3584 floats for the real 7B)."""
+    parts = [quantize(weight[r:r + rows], group_size, bits=bits, symmetric=symmetric,
+                      clip=None if clip is None else clip[r:r + rows])
+             for r in range(0, weight.shape[0], rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return QuantWeight(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
+                       np.concatenate([p.zeros for p in parts]), parts[0].group_size, bits)

@@ -40,6 +40,11 @@ class QuantWeight:
     def n_blocks(self) -> int:
         return n_blocks(self.q.shape[1], self.group_size)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes once stored: ``bits`` per level, plus the scales and zero points."""
+        return int(self.q.size * self.bits // 8 + self.scales.nbytes + self.zeros.nbytes)
+
     def validate(self) -> "QuantWeight":
         """Check dtypes, shapes and level ranges; returns self (raises ValueError)."""
         if self.bits not in SUPPORTED_BITS:

@@ -212,6 +212,15 @@ def prepared(tmp_path_factory):
     return _PREPARED["case"]
 
 
+def graph_session(bundle: Path, graph: str):
+    """A one-thread onnxruntime CPU session of the bundle's graph ``graph`` (e.g. ``token2wav_dit``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(bundle / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
+
+
 @contextlib.contextmanager
 def torch_threads(n: int = 1):
     """Run torch with ``n`` intra-op threads (the reference is far slower on a busy 2-core machine otherwise)."""

@@ -216,12 +216,11 @@ class OmniRunner:
     @property
     def context_length(self) -> int:
         """Positions the model attends over: prompt + new tokens never exceed this."""
-        return int(self.manifest.config["thinker"]["max_position_embeddings"])
+        return self.manifest.configs.thinker.max_position_embeddings
 
     def default_sampling(self) -> SamplingConfig:
-        gen = self.manifest.generation
-        return SamplingConfig(do_sample=gen["do_sample"], temperature=gen["temperature"], top_k=gen["top_k"],
-                              top_p=gen["top_p"], repetition_penalty=gen["repetition_penalty"])
+        """The bundle's generation defaults (``generation``)."""
+        return self.manifest.configs.generation.sampling
 
     def render(self, prompt: str, system: str | None = None) -> str:
         """The chat-formatted prompt text (default system prompt when ``system`` is None)."""
@@ -265,7 +264,7 @@ class OmniRunner:
                     param="max_new_tokens",
                 )
             return int(max_new_tokens), "length"
-        default = int(self.manifest.generation["max_new_tokens"])
+        default = self.manifest.configs.generation.max_new_tokens
         if default > room:
             return room, "context"
         return default, "length"
@@ -417,7 +416,7 @@ class OmniRunner:
             text = self.render(request.prompt, request.system)
             return PromptInputs(text, self.encode(text)), None
         from omni_runtime.stages.audio_encoder import AudioEncoder
-        from omni_runtime.prompt.media_prompt import media_items, normalize_messages, prepare_media
+        from omni_runtime.prompt.media_prompt import media_items, normalize_messages, prepare_media, rope_config
         from omni_runtime.prompt.multimodal import MediaTokens, expand_placeholders
         from omni_runtime.stages.vision_encoder import vision_config
 
@@ -433,11 +432,10 @@ class OmniRunner:
         audio_config = AudioEncoder(self.manifest, self.pool).config if needs_audio else None
         visual = vision_config(self.manifest) if kinds & {"image", "video"} else None
         prepared = prepare_media(items, audio_config, visual, use_audio_in_video, request.video_fps)
-        thinker = self.manifest.config["thinker"]
+        rope = rope_config(self.manifest)
         ids = expand_placeholders(ids, prepared.placeholders(), MediaTokens.from_manifest(self.manifest.special_tokens),
-                                  merge_size=prepared.merge_size,
-                                  position_id_per_seconds=thinker["position_id_per_seconds"],
-                                  seconds_per_chunk=thinker["seconds_per_chunk"])
+                                  merge_size=prepared.merge_size, position_id_per_seconds=rope.position_id_per_seconds,
+                                  seconds_per_chunk=rope.seconds_per_chunk)
         return PromptInputs(text, ids, media=prepared.summary()), prepared
 
     def _encode_media(self, inputs: PromptInputs, prepared) -> None:

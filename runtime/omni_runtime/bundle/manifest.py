@@ -1,9 +1,22 @@
-"""Read and validate a bundle's ``manifest.json`` (bundle format, schema version 1).
+"""Read and validate a bundle's ``manifest.json`` (bundle format, schema version 2).
 
-``load_manifest`` checks the whole contract of docs/bundle-format.md before anything is run:
-schema and version, required keys and their types, safe relative paths, and that every
-listed file exists with its listed size. ``verify_file`` checks a file's sha256 before its
-first use. ``validate_relpath`` is shared with the compiler's bundle writer.
+The contract is ``manifest.schema.json`` beside this module (JSON Schema draft 2020-12, the
+file other-language hosts validate with). ``load_manifest`` checks, before anything is run:
+
+1. the JSON itself (UTF-8, standard JSON, finite numbers), the ``schema`` and its version;
+2. the schema, with the ``jsonschema`` library (one validator, built on first use); the first
+   violation (``jsonschema``'s best match) becomes a BundleError naming the JSON path
+   (``config.thinker.hidden_size``), the value and the fix;
+3. what a schema cannot say: unpaired surrogates in paths, referenced files listed in ``files``,
+   unique graph IO names, ``mrope_section`` sums, min <= max pairs, the default speaker;
+4. that every config block agrees with its graphs' IO (KV inputs per layer, KV heads and width,
+   hidden and vocabulary widths) and with the thinker's width: a mismatch names both sides;
+5. that every listed file stays inside the bundle, exists and has its listed size.
+
+The blocks are then parsed once into typed frozen objects, ``manifest.configs``
+(``omni_runtime.bundle.config``), which the stages take as they are. ``verify_file`` checks a
+file's sha256 before its first use. ``validate_relpath`` is shared with the compiler's bundle
+writer, which also runs ``validate_manifest`` (steps 1-4) on every manifest it writes.
 
 Whatever ``manifest.json`` holds (invalid UTF-8 or JSON, NaN/Infinity, huge or deeply nested
 values, wrong types, out-of-range numbers, unsafe or unencodable paths), the result is a Manifest
@@ -13,19 +26,23 @@ or a BundleError naming the file and the fix, never another exception
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omni_runtime.bundle import names
+from omni_runtime.bundle.config import Configs, DecoderConfig, parse_configs
 from omni_runtime.errors import BundleError
 
 SCHEMA = "omni-export.bundle"
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+#: the manifest's JSON Schema, shipped in the package
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 TENSOR_DTYPES = frozenset(
     {"float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "uint16",
@@ -43,17 +60,6 @@ SCHEMA_FIX = (
     "or install the omni-runtime version matching the bundle"
 )
 COPY_FIX = "rebuild the bundle or copy it again"
-
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-_KINDS = {
-    "a string": lambda v: isinstance(v, str),
-    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "a boolean": lambda v: isinstance(v, bool),
-    "an object": lambda v: isinstance(v, dict),
-    "a list": lambda v: isinstance(v, list),
-    "null, a string or an object": lambda v: v is None or isinstance(v, (str, dict)),
-}
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class GraphSpec:
     external_data: tuple[str, ...]
     opset: int
     dtype: str
-    quantization: str | dict | None
+    quantization: dict | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
@@ -86,14 +92,26 @@ class GraphSpec:
         """The graph file followed by its external data files (bundle-relative paths)."""
         return (self.file, *self.external_data)
 
+    def tensor(self, io: str, name: str) -> TensorSpec | None:
+        """The input (``io="inputs"``) or output (``"outputs"``) called ``name``, or None."""
+        return next((t for t in getattr(self, io) if t.name == name), None)
+
 
 @dataclass(frozen=True, eq=False)
 class Manifest:
-    """A validated bundle: its resolved root directory, the raw manifest data and parsed graphs."""
+    """A validated bundle: its resolved root directory, the raw manifest data and parsed graphs.
+
+    ``configs`` holds every block typed (``omni_runtime.bundle.config.Configs``), parsed from
+    ``data`` when the Manifest is made; ``config`` and the other dict properties are the raw data.
+    """
 
     root: Path
     data: dict = field(repr=False)
     graphs: dict[str, GraphSpec] = field(repr=False)
+    configs: Configs = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "configs", parse_configs(self.data))
 
     @property
     def manifest_path(self) -> Path:
@@ -161,6 +179,7 @@ class Manifest:
         return path
 
 
+
 def validate_relpath(relpath: str) -> str:
     """Return ``relpath`` unchanged if it is a safe bundle-relative path, else raise BundleError.
 
@@ -200,24 +219,288 @@ def load_manifest(bundle_dir: str | os.PathLike) -> Manifest:
             f"not a complete bundle (an interrupted build?): no {MANIFEST_NAME}", path=given, fix=REBUILD_FIX
         )
     data = _read_json(manifest_path)
+    graphs = _check_content(data, manifest_path)
+    manifest = Manifest(root=root, data=data, graphs=graphs)
+    _check_graph_io(manifest.configs, graphs, manifest_path)
+    _check_files(root, data, manifest_path)
+    return manifest
 
-    check = _Checker(manifest_path)
+
+def validate_manifest(data: object, path: str | os.PathLike | None = None) -> None:
+    """Check manifest ``data`` (parsed JSON) as ``load_manifest`` does, but not the files on disk:
+    the schema, the checks beyond it and the agreement of the config blocks with the graphs' IO.
+    BundleError naming ``path`` (the manifest's file, if any), the JSON path, the value and a fix."""
+    graphs = _check_content(data, path)
+    _check_graph_io(parse_configs(data), graphs, path)
+
+
+@functools.cache
+def manifest_schema() -> dict:
+    """The manifest's JSON Schema (draft 2020-12, ``SCHEMA_PATH``); shared: do not modify it."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+@functools.cache
+def _validator():
+    """The schema's validator, built once. Integers are strict: 2.0 is not an integer here (JSON
+    Schema would accept it; the compiler never writes one and hosts read counts as integers)."""
+    from jsonschema import Draft202012Validator, validators
+
+    strict = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    return validators.extend(Draft202012Validator, type_checker=strict)(_inline(manifest_schema()))
+
+
+def _inline(node, defs: dict | None = None):
+    """A copy of the schema with every ``{"$ref": "#/$defs/x", ...}`` replaced by definition x (merged
+    with its sibling keywords): the same validation, faster (no reference lookups)."""
+    defs = node["$defs"] if defs is None else defs
+    if isinstance(node, list):
+        return [_inline(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _inline(value, defs) for key, value in node.items() if key not in ("$ref", "$defs")}
+    if "$ref" in node:
+        out = {**_inline(defs[node["$ref"].rsplit("/", 1)[-1]], defs), **out}
+    return out
+
+
+def schema_problem(data: object) -> str | None:
+    """The first violation of the schema by ``data`` as a message naming its JSON path and value
+    (``jsonschema``'s best match), or None when ``data`` is valid."""
+    from jsonschema.exceptions import best_match
+
+    try:
+        error = best_match(_validator().iter_errors(data))
+    except RecursionError:
+        return "the manifest is nested too deeply to validate"
+    return None if error is None else _describe(error)
+
+
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "a boolean",
+               "object": "an object", "array": "a list", "null": "null"}
+_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+
+
+def _describe(error) -> str:
+    """A jsonschema ValidationError as ``<JSON path> must be <what>, not <value>`` (or close)."""
+    where = ""
+    for part in error.absolute_path:
+        where = f"{where}[{part}]" if isinstance(part, int) else _join(where, part)
+    value, kind, schema = error.instance, error.validator, error.schema
+    if "propertyNames" in error.absolute_schema_path:  # the instance is a key of the object at ``where``
+        if value == "":
+            return f"{where} has an empty key"
+        where = _join(where, value)
+    if kind == "required":
+        missing = next(key for key in error.validator_value if key not in value)
+        what = _expected(schema.get("properties", {}).get(missing)) or schema.get("description")
+        return f"missing key {_join(where, missing)}" + (f" ({what})" if what else "")
+    where = where or "the manifest"
+    if kind == "type":
+        return f"{where} must be {_expected(schema)}, not {_short(value)}"
+    if kind in _BOUNDS:
+        when = f" {schema['description']}" if "then" in error.absolute_schema_path and "description" in schema else ""
+        return f"{where} must be {_BOUNDS[kind]} {error.validator_value}{when}, not {_short(value)}"
+    if kind in ("enum", "const"):
+        return f"{where} {_short(value)} is not {_expected({kind: error.validator_value})}"
+    if kind == "pattern" and schema.get("title") == "bundle-relative path":
+        return f"unsafe path {_short(value)} at {where}: {_relpath_problem(value) or 'not a safe bundle path'}"
+    if kind == "pattern" and schema.get("title") == "sha256":
+        return f"{where} must be 64 hex digits, not {_short(value)}"
+    if kind in ("minItems", "maxItems"):
+        bound = "at least" if kind == "minItems" else "at most"
+        return f"{where} must have {bound} {error.validator_value} items, not {_short(value)}"
+    if kind in ("minLength", "minProperties"):
+        return f"{where} must not be empty"
+    return f"{where}: {_short(value)} is invalid ({error.message[:200]})"
+
+
+def _expected(schema: dict | None) -> str | None:
+    """What ``schema`` (a property's subschema, its ``$ref`` followed) accepts, in words."""
+    defs = manifest_schema()["$defs"]
+    while isinstance(schema, dict) and "$ref" in schema:
+        schema = defs[schema["$ref"].rsplit("/", 1)[-1]]
+    if not isinstance(schema, dict):
+        return None
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        return " or ".join(_TYPE_NAMES[t] for t in types)
+    if "const" in schema:
+        return _short(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    return None
+
+
+def _error(path, problem: str) -> BundleError:
+    return BundleError(problem, path=path, fix=REBUILD_FIX)
+
+
+def _check_content(data: object, path) -> dict[str, GraphSpec]:
+    """Steps 1-3 of the module docstring on parsed ``data``; returns the parsed graphs."""
     if not isinstance(data, dict):
-        raise check.error("the manifest must be a JSON object")
-    schema = check.get(data, "schema", "a string", "")
-    if schema != SCHEMA:
-        raise check.error(f"not an omni-export bundle manifest: schema is {schema!r}, expected {SCHEMA!r}")
+        raise _error(path, "the manifest must be a JSON object")
+    if data.get("schema") != SCHEMA:
+        raise _error(path, f"not an omni-export bundle manifest: schema is {_short(data.get('schema', ''))}, "
+                           f"expected {SCHEMA!r}")
     version = data.get("schema_version")
-    if not _KINDS["an integer"](version) or version != SCHEMA_VERSION:
-        raise BundleError(
-            f"bundle schema_version is {version!r} but this runtime reads schema_version {SCHEMA_VERSION}",
-            path=manifest_path,
-            fix=SCHEMA_FIX,
-        )
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise BundleError(f"bundle schema_version is {version!r} but this runtime reads schema_version "
+                          f"{SCHEMA_VERSION}", path=path, fix=SCHEMA_FIX)
+    problem = schema_problem(data)
+    if problem is not None:
+        raise _error(path, problem)
+    files = data["files"]
 
-    graphs = _check_structure(check, data)
-    _check_files(check, root, data)
-    return Manifest(root=root, data=data, graphs=graphs)
+    def relpath(value: str, where: str, listed: bool = True) -> str:
+        problem = _relpath_problem(value)  # the schema's pattern leaves only unpaired surrogates
+        if problem is not None:
+            raise _error(path, f"unsafe path {_short(value)} at {where}: {problem}")
+        if listed and value not in files:
+            raise _error(path, f"{where} {_short(value)} is not listed in files")
+        return value
+
+    for rel in files:
+        relpath(rel, _join("files", rel), listed=False)
+    for key in ("file", "chat_template_file"):
+        relpath(data["tokenizer"][key], f"tokenizer.{key}")
+    graphs = {}
+    for name, entry in data["graphs"].items():
+        where = _join("graphs", name)
+        relpath(entry["file"], _join(where, "file"))
+        for i, rel in enumerate(entry["external_data"]):
+            relpath(rel, f"{_join(where, 'external_data')}[{i}]")
+        io = {}
+        for key in ("inputs", "outputs"):
+            io[key] = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in entry[key])
+            seen = [t.name for t in io[key]]
+            if len(set(seen)) != len(seen):
+                raise _error(path, f"{_join(where, key)} has duplicate names: {_short(seen)}")
+        graphs[name] = GraphSpec(name=name, file=entry["file"], external_data=tuple(entry["external_data"]),
+                                 opset=entry["opset"], dtype=entry["dtype"], quantization=entry["quantization"],
+                                 inputs=io["inputs"], outputs=io["outputs"])
+    config = data["config"]
+    for block in ("thinker", "talker"):
+        cfg = config.get(block)
+        if cfg is not None and sum(cfg["mrope_section"]) * 2 != cfg["head_dim"]:
+            raise _error(path, f"config.{block}.mrope_section {_short(cfg['mrope_section'])} must sum to "
+                               f"config.{block}.head_dim/2 = {cfg['head_dim'] / 2:g}")
+    vision = config.get("vision")
+    if vision is not None:
+        for where, low, high in (("image", "min_pixels", "max_pixels"), ("video", "min_frames", "max_frames"),
+                                 ("video", "min_tokens", "max_tokens")):
+            if vision[where][low] > vision[where][high]:
+                raise _error(path, f"config.vision.{where}.{low} {vision[where][low]} must be <= "
+                                   f"config.vision.{where}.{high} {vision[where][high]}")
+        for key in ("image_mean", "image_std"):
+            if len(vision["image"][key]) != vision["in_channels"]:
+                raise _error(path, f"config.vision.image.{key} {_short(vision['image'][key])} must have "
+                                   f"config.vision.in_channels = {vision['in_channels']} values")
+        for i, block in enumerate(vision["fullatt_block_indexes"]):
+            if block >= vision["depth"]:
+                raise _error(path, f"config.vision.fullatt_block_indexes[{i}] is {block}, not below "
+                                   f"config.vision.depth = {vision['depth']}")
+    token2wav = config.get("token2wav")
+    if token2wav is not None:
+        speakers = token2wav["speakers"]
+        if token2wav["default_speaker"] not in speakers:
+            raise _error(path, f"config.token2wav.default_speaker {_short(token2wav['default_speaker'])} is not "
+                               f"one of config.token2wav.speakers {_short(list(speakers))}")
+        for name, entry in speakers.items():
+            for key in ("speaker_embedding", "reference_embedding", "null_reference_embedding"):
+                relpath(entry[key], _join(_join("config.token2wav.speakers", name), key))
+    return graphs
+
+
+def _check_graph_io(configs: Configs, graphs: dict[str, GraphSpec], path) -> None:
+    """Step 4: each config block's counts and widths against its graphs' IO and the thinker's width."""
+    thinker = configs.thinker
+
+    def agree(where: str, value: int, other: str, actual: int | None) -> None:
+        if actual is not None and actual != value:
+            raise _disagree(path, where, value, other)
+
+    def width(where: str, value: int, graph: str, io: str, name: str, axis: int = -1) -> None:
+        spec = graphs.get(graph)
+        tensor = None if spec is None else spec.tensor(io, name)
+        if tensor is not None and -len(tensor.shape) <= axis < len(tensor.shape) and \
+                isinstance(tensor.shape[axis], int):
+            agree(where, value, f"graph {graph!r} has {io[:-1]} {name!r} of shape {list(tensor.shape)}",
+                  tensor.shape[axis])
+
+    def decoder(block: str, cfg: DecoderConfig, graph: str, embeds_width: int, embeds_where: str) -> None:
+        where = f"config.{block}"
+        spec = graphs.get(graph)
+        if spec is not None:
+            _check_kv(where, cfg, spec, path)
+        width(embeds_where, embeds_width, graph, "inputs", "inputs_embeds")
+        width(f"{where}.hidden_size", cfg.hidden_size, graph, "outputs", "last_hidden_state")
+        width(f"{where}.vocab_size", cfg.vocab_size, graph, "outputs", "logits")
+
+    decoder("thinker", thinker, names.THINKER_DECODER, thinker.hidden_size, "config.thinker.hidden_size")
+    width("config.thinker.hidden_size", thinker.hidden_size, names.THINKER_EMBEDDING, "outputs", "inputs_embeds")
+    for block, key in (("talker", "embedding_size"), ("audio", "output_dim"), ("vision", "out_hidden_size")):
+        cfg = getattr(configs, block)
+        if cfg is not None:  # the width of what the block hands the thinker
+            agree(f"config.{block}.{key}", getattr(cfg, key), f"config.thinker.hidden_size is {thinker.hidden_size}",
+                  thinker.hidden_size)
+    if configs.talker is not None:
+        talker = configs.talker
+        decoder("talker", talker, names.TALKER_DECODER, talker.embedding_size, "config.talker.embedding_size")
+        width("config.talker.embedding_size", talker.embedding_size, names.TALKER_EMBEDDING, "outputs",
+              "inputs_embeds")
+    if configs.audio is not None:
+        audio = configs.audio
+        width("config.audio.output_dim", audio.output_dim, names.AUDIO_ENCODER, "outputs", "audio_embeds")
+        width("config.audio.num_mel_bins", audio.num_mel_bins, names.AUDIO_ENCODER, "inputs", "input_features", 1)
+    if configs.vision is not None:
+        vision = configs.vision
+        width("config.vision.out_hidden_size", vision.out_hidden_size, names.VISION_ENCODER, "outputs",
+              "vision_embeds")
+        width("config.vision.in_channels * temporal_patch_size * patch_size^2",
+              vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2, names.VISION_ENCODER,
+              "inputs", "pixel_values")
+    if configs.token2wav is not None:
+        t2w = configs.token2wav
+        for io, name in (("inputs", "x"), ("outputs", "velocity")):
+            width("config.token2wav.mel_dim", t2w.mel_dim, names.TOKEN2WAV_DIT, io, name)
+        width("config.token2wav.mel_dim", t2w.mel_dim, names.TOKEN2WAV_BIGVGAN, "inputs", "mel", 1)
+        width("config.token2wav.enc_emb_dim", t2w.enc_emb_dim, names.TOKEN2WAV_DIT, "inputs", "speaker_embedding")
+        width("config.token2wav.enc_dim", t2w.enc_dim, names.TOKEN2WAV_DIT, "inputs", "reference_embedding")
+
+
+def _check_kv(where: str, cfg: DecoderConfig, spec: GraphSpec, path) -> None:
+    """The decoder graph's KV inputs/outputs: a key and a value per layer of ``cfg``, of its KV shape and dtype."""
+    layers = cfg.num_hidden_layers
+    for io, prefix in (("inputs", "past_key_values."), ("outputs", "present.")):
+        tensors = [t for t in getattr(spec, io) if t.name.startswith(prefix)]
+        pairs = len(tensors) // 2
+        expected = {f"{prefix}{i}.{kind}" for i in range(pairs) for kind in ("key", "value")}
+        if len(tensors) != 2 * layers or {t.name for t in tensors} != expected:
+            if not tensors:
+                found = f"no {prefix}* {io}"
+            elif {t.name for t in tensors} == expected:
+                found = f"KV {io} for {pairs} layers ({prefix}0 .. {prefix}{pairs - 1})"
+            else:
+                found = f"KV {io} {_short([t.name for t in tensors])}"
+            raise _disagree(path, f"{where}.num_hidden_layers", layers,
+                            f"graph {spec.name!r} has {found} (a decoder has {prefix}{{i}}.key and .value for "
+                            f"each layer i)")
+        for tensor in tensors:
+            at = f"graph {spec.name!r} has {io[:-1]} {tensor.name!r} of {tensor.dtype} {list(tensor.shape)}"
+            if tensor.dtype != cfg.kv_dtype:
+                raise _disagree(path, f"{where}.kv_dtype", repr(cfg.kv_dtype), at)
+            for axis, key in ((1, "num_key_value_heads"), (3, "head_dim")):
+                dim = tensor.shape[axis] if len(tensor.shape) == 4 else None
+                if isinstance(dim, int) and dim != getattr(cfg, key):
+                    raise _disagree(path, f"{where}.{key}", getattr(cfg, key), f"{at} (axis {axis})")
+
+
+def _disagree(path, where: str, value, other: str) -> BundleError:
+    """``where`` (a config value) and ``other`` (a graph's IO, another block) do not agree."""
+    return _error(path, f"{where} is {value} but {other}: they must agree (a hand-edited manifest, or graphs "
+                        f"from another build?)")
 
 
 def _read_json(manifest_path: Path) -> object:
@@ -321,173 +604,11 @@ def _relpath_problem(relpath: object) -> str | None:
     return None
 
 
-class _Checker:
-    """Type checks on the parsed manifest, reporting the JSON path of the offending key."""
-
-    def __init__(self, manifest_path: Path):
-        self.manifest_path = manifest_path
-
-    def error(self, problem: str) -> BundleError:
-        return BundleError(problem, path=self.manifest_path, fix=REBUILD_FIX)
-
-    def value(self, value: object, kind: str, where: str) -> object:
-        if not _KINDS[kind](value):
-            raise self.error(f"{where} must be {kind}, not {_short(value)}")
-        return value
-
-    def get(self, obj: dict, key: str, kind: str, where: str) -> object:
-        where = _join(where, key)
-        if key not in obj:
-            raise self.error(f"missing key {where} ({kind})")
-        return self.value(obj[key], kind, where)
-
-    def relpath(self, value: object, where: str) -> str:
-        problem = _relpath_problem(value)
-        if problem is not None:
-            raise self.error(f"unsafe path {_short(value)} at {where}: {problem}")
-        return value
-
-    def minimum(self, obj: dict, key: str, where: str, low: float, *, above: bool = False) -> None:
-        """``obj[key]`` (already type-checked) must be >= ``low`` (> ``low`` with ``above``)."""
-        value = obj[key]
-        if value < low or (above and value == low):
-            raise self.error(f"{_join(where, key)} must be {'>' if above else '>='} {low}, not {_short(value)}")
-
-    def int_list(self, obj: dict, key: str, where: str) -> list[int]:
-        items = self.get(obj, key, "a list", where)
-        for i, item in enumerate(items):
-            self.value(item, "an integer", f"{_join(where, key)}[{i}]")
-        return items
-
-
 def _join(where: str, key: str) -> str:
     """JSON path of ``key`` inside ``where``: ``a.b`` for plain keys, ``a["x.onnx"]`` otherwise."""
     if key.isidentifier():
         return f"{where}.{key}" if where else key
     return f"{where}[{json.dumps(key) if len(key) <= 80 else json.dumps(key[:60]) + '...'}]"
-
-
-def _check_structure(check: _Checker, data: dict) -> dict[str, GraphSpec]:
-    """Check required keys and types of the whole manifest; return the parsed graphs."""
-    producer = check.get(data, "producer", "an object", "")
-    for key in ("name", "version"):
-        check.get(producer, key, "a string", "producer")
-    model = check.get(data, "model", "an object", "")
-    check.get(model, "family", "a string", "model")
-    recipe = check.get(data, "recipe", "an object", "")
-    check.get(recipe, "name", "a string", "recipe")
-
-    files = check.get(data, "files", "an object", "")
-    for relpath, entry in files.items():
-        where = _join("files", relpath)
-        check.relpath(relpath, where)
-        check.value(entry, "an object", where)
-        size = check.get(entry, "bytes", "an integer", where)
-        if size < 0:
-            raise check.error(f"{_join(where, 'bytes')} must not be negative")
-        sha = check.get(entry, "sha256", "a string", where)
-        if not _SHA256.fullmatch(sha):
-            raise check.error(f"{_join(where, 'sha256')} must be 64 hex digits, not {_short(sha)}")
-
-    tokenizer = check.get(data, "tokenizer", "an object", "")
-    for key in ("file", "chat_template_file"):
-        relpath = check.relpath(check.get(tokenizer, key, "a string", "tokenizer"), f"tokenizer.{key}")
-        _listed(check, files, relpath, f"tokenizer.{key}")
-    check.get(tokenizer, "default_system_prompt", "a string", "tokenizer")
-
-    special = check.get(data, "special_tokens", "an object", "")
-    for name in SPECIAL_TOKEN_NAMES:
-        check.get(special, name, "an integer", "special_tokens")
-        check.minimum(special, name, "special_tokens", 0)
-
-    generation = check.get(data, "generation", "an object", "")
-    for i, token in enumerate(check.int_list(generation, "eos_token_ids", "generation")):
-        if token < 0:
-            raise check.error(f"generation.eos_token_ids[{i}] must be >= 0, not {token}")
-    for key, kind in (("pad_token_id", "an integer"), ("do_sample", "a boolean"), ("temperature", "a number"),
-                      ("top_k", "an integer"), ("top_p", "a number"), ("repetition_penalty", "a number"),
-                      ("max_new_tokens", "an integer")):
-        check.get(generation, key, kind, "generation")
-    # The defaults must be usable as they are (the ranges of omni_runtime.stages.sampling.SamplingConfig).
-    for key, low, above in (("pad_token_id", 0, False), ("temperature", 0, generation["do_sample"]),
-                            ("top_k", 0, False), ("top_p", 0, True), ("repetition_penalty", 0, True),
-                            ("max_new_tokens", 1, False)):
-        check.minimum(generation, key, "generation", low, above=above)
-    if generation["top_p"] > 1:
-        raise check.error(f"generation.top_p must be <= 1, not {_short(generation['top_p'])}")
-
-    config = check.get(data, "config", "an object", "")
-    thinker = check.get(config, "thinker", "an object", "config")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "vocab_size", "max_position_embeddings"):
-        check.get(thinker, key, "an integer", "config.thinker")
-        check.minimum(thinker, key, "config.thinker", 1)
-    for key in ("rms_norm_eps", "rope_theta"):
-        check.get(thinker, key, "a number", "config.thinker")
-        check.minimum(thinker, key, "config.thinker", 0, above=True)
-    kv_dtype = check.get(thinker, "kv_dtype", "a string", "config.thinker")
-    if kv_dtype not in TENSOR_DTYPES:
-        raise check.error(f"config.thinker.kv_dtype {_short(kv_dtype)} is not one of {', '.join(sorted(TENSOR_DTYPES))}")
-    section = check.int_list(thinker, "mrope_section", "config.thinker")
-    if len(section) != 3 or any(n < 0 for n in section) or sum(section) * 2 != thinker["head_dim"]:
-        raise check.error(f"config.thinker.mrope_section {_short(section)} must be 3 ints >= 0 summing to head_dim/2")
-
-    graphs = check.get(data, "graphs", "an object", "")
-    return {name: _graph_spec(check, files, name, entry) for name, entry in graphs.items()}
-
-
-def _graph_spec(check: _Checker, files: dict, name: str, entry: object) -> GraphSpec:
-    """Parse and check one graph entry."""
-    where = _join("graphs", name)
-    check.value(entry, "an object", where)
-    file = check.relpath(check.get(entry, "file", "a string", where), _join(where, "file"))
-    _listed(check, files, file, _join(where, "file"))
-    external = check.get(entry, "external_data", "a list", where)
-    for i, relpath in enumerate(external):
-        at = f"{_join(where, 'external_data')}[{i}]"
-        _listed(check, files, check.relpath(relpath, at), at)
-    io = {}
-    for key in ("inputs", "outputs"):
-        specs = []
-        for i, item in enumerate(check.get(entry, key, "a list", where)):
-            specs.append(_tensor_spec(check, item, f"{_join(where, key)}[{i}]"))
-        names = [spec.name for spec in specs]
-        if len(set(names)) != len(names):
-            raise check.error(f"{_join(where, key)} has duplicate names: {_short(names)}")
-        io[key] = tuple(specs)
-    opset = check.get(entry, "opset", "an integer", where)
-    check.minimum(entry, "opset", where, 1)
-    return GraphSpec(
-        name=name,
-        file=file,
-        external_data=tuple(external),
-        opset=opset,
-        dtype=check.get(entry, "dtype", "a string", where),
-        quantization=check.get(entry, "quantization", "null, a string or an object", where),
-        inputs=io["inputs"],
-        outputs=io["outputs"],
-    )
-
-
-def _tensor_spec(check: _Checker, item: object, where: str) -> TensorSpec:
-    """Parse and check one ``{"name", "dtype", "shape"}`` entry."""
-    check.value(item, "an object", where)
-    name = check.get(item, "name", "a string", where)
-    dtype = check.get(item, "dtype", "a string", where)
-    if dtype not in TENSOR_DTYPES:
-        raise check.error(f"{where}.dtype {dtype!r} is not one of {', '.join(sorted(TENSOR_DTYPES))}")
-    shape = check.get(item, "shape", "a list", where)
-    for i, dim in enumerate(shape):
-        fixed = _KINDS["an integer"](dim) and dim >= 0
-        if not (fixed or (isinstance(dim, str) and dim)):
-            raise check.error(f"{where}.shape[{i}] must be a non-negative integer or an axis name, not {_short(dim)}")
-    return TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
-
-
-def _listed(check: _Checker, files: dict, relpath: str, where: str) -> None:
-    """Reject a referenced path that ``files`` does not list."""
-    if relpath not in files:
-        raise check.error(f"{where} {_short(relpath)} is not listed in files")
 
 
 def _resolve_problem(root: Path, path: Path) -> str | None:
@@ -499,13 +620,13 @@ def _resolve_problem(root: Path, path: Path) -> str | None:
     return None if inside else "it resolves outside the bundle (a symlink?)"
 
 
-def _check_files(check: _Checker, root: Path, data: dict) -> None:
+def _check_files(root: Path, data: dict, manifest_path: Path) -> None:
     """Every listed file stays inside the bundle, exists and has its listed size."""
     for relpath, entry in data["files"].items():
         path = root / relpath
         problem = _resolve_problem(root, path)
         if problem is not None:
-            raise check.error(f"unsafe path {_short(relpath)} in files: {problem}")
+            raise _error(manifest_path, f"unsafe path {_short(relpath)} in files: {problem}")
         try:
             if not path.is_file():
                 raise BundleError("missing file listed in the manifest", path=path, fix=COPY_FIX)

@@ -27,49 +27,16 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 
 import numpy as np
 
+from omni_runtime.bundle.config import AudioConfig
 from omni_runtime.errors import InputError, OmniError
 
-SAMPLING_RATE = 16000
+SAMPLING_RATE = AudioConfig.sampling_rate  # 16000
 
 MEDIA_FIX = "pip install 'omni-runtime[media]' (soundfile, soxr, av, pillow)"
 AUDIO_FIX = "pass a readable audio file (wav, flac, mp3, ogg, m4a, ...) or a video file with an audio track"
-
-
-@dataclass(frozen=True)
-class AudioConfig:
-    """The constants of the audio path: the manifest's ``config.audio`` block.
-
-    Feature values come from the checkpoint's ``preprocessor_config.json`` (Whisper feature
-    extractor), the rest from its ``audio_config``. The defaults are Qwen2.5-Omni-7B's.
-    """
-
-    num_mel_bins: int = 128
-    sampling_rate: int = SAMPLING_RATE
-    hop_length: int = 160
-    n_fft: int = 400
-    chunk_length: int = 300  # seconds: longer audio is truncated, as the processor does
-    padding_value: float = 0.0
-    n_window: int = 100  # the encoder attends within chunks of 2 * n_window mel frames
-    output_dim: int = 3584  # width of one audio token (the thinker's hidden size)
-
-    @property
-    def n_samples(self) -> int:
-        """Samples kept per audio (``chunk_length`` seconds); WhisperFeatureExtractor computes it so."""
-        return self.chunk_length * self.sampling_rate
-
-    @property
-    def chunk_frames(self) -> int:
-        return 2 * self.n_window
-
-    @classmethod
-    def from_manifest(cls, block: Mapping) -> AudioConfig:
-        """The config from a manifest ``config.audio`` block (unknown keys ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in block.items() if k in names})
 
 
 def as_config(config: AudioConfig | Mapping | None) -> AudioConfig:

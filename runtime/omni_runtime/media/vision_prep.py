@@ -30,80 +30,18 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from omni_runtime.bundle.config import VisionConfig
 from omni_runtime.errors import InputError
 
 # -- configuration ----------------------------------------------------------------------------
 
 MAX_RATIO = 200  # Qwen2-VL refuses more extreme aspect ratios
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".gif", ".flv", ".wmv")
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    """The manifest's ``config.vision`` block: encoder shapes and preprocessing constants.
-
-    The defaults are Qwen2.5-Omni's (``preprocessor_config.json`` and qwen-omni-utils).
-    """
-
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    window_size: int = 112
-    in_channels: int = 3
-    out_hidden_size: int = 3584
-    min_pixels: int = 3136
-    max_pixels: int = 12845056
-    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
-    rescale_factor: float = 1 / 255
-    # video sampling (qwen-omni-utils)
-    fps: float = 2.0
-    frame_factor: int = 2
-    min_frames: int = 4
-    max_frames: int = 768
-    video_min_tokens: int = 128
-    video_max_tokens: int = 768
-    model_seq_len: int = 128000
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @classmethod
-    def from_manifest(cls, config: dict) -> "VisionConfig":
-        """From a manifest's ``config["vision"]`` block (or a Manifest's whole ``config``)."""
-        block = config.get("vision", config) if isinstance(config, dict) else config
-        image = block.get("image", {})
-        video = block.get("video", {})
-        d = cls()
-        return cls(
-            patch_size=int(block.get("patch_size", d.patch_size)),
-            temporal_patch_size=int(block.get("temporal_patch_size", d.temporal_patch_size)),
-            spatial_merge_size=int(block.get("spatial_merge_size", d.spatial_merge_size)),
-            window_size=int(block.get("window_size", d.window_size)),
-            in_channels=int(block.get("in_channels", d.in_channels)),
-            out_hidden_size=int(block.get("out_hidden_size", d.out_hidden_size)),
-            min_pixels=int(image.get("min_pixels", d.min_pixels)),
-            max_pixels=int(image.get("max_pixels", d.max_pixels)),
-            image_mean=tuple(float(v) for v in image.get("image_mean", d.image_mean)),
-            image_std=tuple(float(v) for v in image.get("image_std", d.image_std)),
-            rescale_factor=float(image.get("rescale_factor", d.rescale_factor)),
-            fps=float(video.get("fps", d.fps)),
-            frame_factor=int(video.get("frame_factor", d.frame_factor)),
-            min_frames=int(video.get("min_frames", d.min_frames)),
-            max_frames=int(video.get("max_frames", d.max_frames)),
-            video_min_tokens=int(video.get("min_tokens", d.video_min_tokens)),
-            video_max_tokens=int(video.get("max_tokens", d.video_max_tokens)),
-            model_seq_len=int(video.get("model_seq_len", d.model_seq_len)),
-            extra=dict(block),
-        )
-
-    @property
-    def factor(self) -> int:
-        """Side multiple of resized images: one merged token covers factor x factor pixels."""
-        return self.patch_size * self.spatial_merge_size
 
 
 def _config(config) -> VisionConfig:

@@ -30,7 +30,8 @@ from numbers import Integral, Real
 import numpy as np
 
 from omni_runtime.media.audio_prep import AudioConfig, audio_features, audio_token_counts
-from omni_runtime.errors import InputError
+from omni_runtime.errors import BundleError, InputError
+from omni_runtime.bundle.manifest import REBUILD_FIX
 from omni_runtime.bundle.names import VISION_ENCODER
 from omni_runtime.prompt.multimodal import Placeholders
 from omni_runtime.prompt.rope import RopeConfig
@@ -303,13 +304,17 @@ def encode_media(prepared: PreparedMedia, manifest, pool) -> dict[str, np.ndarra
 
 
 def rope_config(manifest) -> RopeConfig:
-    special, thinker = manifest.special_tokens, manifest.config["thinker"]
-    return RopeConfig(image_token_id=int(special["image"]), video_token_id=int(special["video"]),
-                      audio_token_id=int(special["audio"]), vision_start_token_id=int(special["vision_bos"]),
-                      audio_start_token_id=int(special["audio_bos"]),
-                      spatial_merge_size=int(thinker.get("spatial_merge_size", 2)),
-                      position_id_per_seconds=thinker.get("position_id_per_seconds", 25),
-                      seconds_per_chunk=thinker.get("seconds_per_chunk", 2))
+    """The TMRoPE constants of ``config.thinker`` and the media token ids, for ``rope.rope_index``."""
+    special, tmrope = manifest.configs.special_tokens, manifest.configs.thinker.tmrope
+    if tmrope is None:  # the schema requires the constants with config.audio or config.vision
+        raise BundleError("config.thinker has no TMRoPE constants (position_id_per_seconds, seconds_per_chunk, "
+                          "spatial_merge_size): this bundle has no audio or vision encoder",
+                          path=manifest.manifest_path, fix=REBUILD_FIX + " with a recipe that lists `audio` or `vision`")
+    return RopeConfig(image_token_id=special.image, video_token_id=special.video, audio_token_id=special.audio,
+                      vision_start_token_id=special.vision_bos, audio_start_token_id=special.audio_bos,
+                      spatial_merge_size=tmrope.spatial_merge_size,
+                      position_id_per_seconds=tmrope.position_id_per_seconds,
+                      seconds_per_chunk=tmrope.seconds_per_chunk)
 
 
 def rope_inputs(prepared: PreparedMedia) -> dict:

@@ -26,13 +26,13 @@ class AudioEncoder:
     def __init__(self, manifest: Manifest, pool: SessionPool):
         self.manifest = manifest
         self.pool = pool
-        block = manifest.config.get("audio")
-        if not isinstance(block, dict) or GRAPH_NAME not in manifest.graphs:
+        config = manifest.configs.audio
+        if config is None or GRAPH_NAME not in manifest.graphs:
             raise BundleError("the bundle has no audio encoder (no config.audio or graph 'audio_encoder')",
                               path=manifest.manifest_path,
                               fix="rebuild the bundle with a recipe whose modules include `audio` "
                                   "(e.g. `omni-export build --recipe fp32`)")
-        self.config = AudioConfig.from_manifest(block)
+        self.config: AudioConfig = config
 
     def features(self, source, **kwargs) -> np.ndarray:
         """Log-mel features [n_mels, frames] of a path, bytes or array (``audio_prep.audio_features``)."""

@@ -160,7 +160,8 @@ class SpeechPipeline:
         unknown speaker or solver, or more codes than one token2wav run takes; no graph runs."""
         spk = self.token2wav.speaker(request.speaker)  # unknown -> InputError listing the choices
         solver = request.solver
-        solver = self.token2wav.ode["stream_solver" if stream else "solver"] if solver is None else solver
+        ode = self.token2wav.ode
+        solver = (ode.stream_solver if stream else ode.solver) if solver is None else solver
         if solver not in SOLVERS:
             raise InputError(f"unknown solver {solver!r}", fix=f"use one of: {', '.join(SOLVERS)}", param="solver")
         sampling = self.talker.default_sampling() if request.talker_sampling is None else request.talker_sampling
@@ -217,7 +218,7 @@ class SpeechPipeline:
         yield self.token2wav.waveform(codes, opts.speaker, solver=opts.solver, seed=opts.noise_seed), True
 
     def _stream(self, states, opts, out) -> Iterator[tuple[np.ndarray, bool]]:
-        pipe = CodePipe(self.token2wav.stream_config["dit_chunk_codes"])
+        pipe = CodePipe(self.token2wav.stream_config.dit_chunk_codes)
 
         def on_codes(new):
             for code in new:

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
 
+from omni_runtime.bundle.config import TalkerConfig
 from omni_runtime.errors import BundleError, InputError
 from omni_runtime.stages.kv_decoder import DEFAULT_PREFILL_CHUNK, KVDecoder
-from omni_runtime.bundle.manifest import REBUILD_FIX, Manifest
+from omni_runtime.bundle.manifest import Manifest
 from omni_runtime.stages.sampling import SamplingConfig, next_tokens, process_logits
 from omni_runtime.bundle.sessions import SessionPool, import_onnxruntime, io_binding_enabled
 from omni_runtime.bundle.names import THINKER_EMBEDDING
@@ -53,66 +53,19 @@ NO_TALKER_FIX = ("build the bundle from a checkpoint with a talker (enable_audio
                  "weights) and a recipe with modules.talker, or ask for text only")
 
 
-@dataclass(frozen=True)
-class TalkerConfig:
-    """The manifest's ``config.talker`` values the host logic uses."""
-
-    embedding_size: int
-    vocab_size: int
-    codec_bos: int
-    codec_eos: int
-    codec_pad: int
-    codec_mask: int
-    text_eos: int
-    text_pad: int
-    eos_token_ids: tuple[int, ...]
-    suppress_tokens: tuple[int, ...]
-    sampling: SamplingConfig
-    max_new_tokens: int
-
-    @classmethod
-    def from_manifest(cls, manifest: Manifest) -> "TalkerConfig":
-        """Read and check ``config.talker``; BundleError when the bundle has no talker or a bad block."""
-        raw = manifest.config.get("talker")
-        if not isinstance(raw, dict) or not raw.get("enable_audio_output", False) or \
-                any(name not in manifest.graphs for name in GRAPHS):
-            raise BundleError("this bundle has no talker (it was built text-only), so it cannot produce speech",
-                              path=manifest.manifest_path, fix=NO_TALKER_FIX)
-
-        def get(block: dict, key: str, where: str, kind=Integral):
-            value = block.get(key) if isinstance(block, dict) else None
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-                what = {Integral: "an integer", bool: "a boolean"}.get(kind, "a number")
-                raise BundleError(f"config.talker.{where}{key} is missing or not {what}: {value!r}",
-                                  path=manifest.manifest_path, fix=REBUILD_FIX)
-            return value
-
-        def ids(key: str) -> tuple[int, ...]:
-            value = raw.get(key)
-            if not isinstance(value, list) or not all(isinstance(v, Integral) and not isinstance(v, bool)
-                                                      for v in value):
-                raise BundleError(f"config.talker.{key} must be a list of integers, not {value!r}",
-                                  path=manifest.manifest_path, fix=REBUILD_FIX)
-            return tuple(int(v) for v in value)
-
-        codec, text, samp = raw.get("codec"), raw.get("text"), raw.get("sampling")
-        sampling = SamplingConfig(do_sample=get(samp, "do_sample", "sampling.", bool),
-                                  temperature=float(get(samp, "temperature", "sampling.", (int, float))),
-                                  top_k=int(get(samp, "top_k", "sampling.")),
-                                  top_p=float(get(samp, "top_p", "sampling.", (int, float))),
-                                  repetition_penalty=float(get(samp, "repetition_penalty", "sampling.", (int, float))))
-        return cls(embedding_size=int(get(raw, "embedding_size", "")), vocab_size=int(get(raw, "vocab_size", "")),
-                   codec_bos=int(get(codec, "bos", "codec.")), codec_eos=int(get(codec, "eos", "codec.")),
-                   codec_pad=int(get(codec, "pad", "codec.")), codec_mask=int(get(codec, "mask", "codec.")),
-                   text_eos=int(get(text, "eos", "text.")), text_pad=int(get(text, "pad", "text.")),
-                   eos_token_ids=ids("eos_token_ids"), suppress_tokens=ids("suppress_tokens"), sampling=sampling,
-                   max_new_tokens=int(get(samp, "max_new_tokens", "sampling.")))
+def talker_config(manifest: Manifest) -> TalkerConfig:
+    """The bundle's ``config.talker``, typed; BundleError when the bundle has no talker."""
+    config = manifest.configs.talker
+    if config is None or not config.enable_audio_output or any(name not in manifest.graphs for name in GRAPHS):
+        raise BundleError("this bundle has no talker (it was built text-only), so it cannot produce speech",
+                          path=manifest.manifest_path, fix=NO_TALKER_FIX)
+    return config
 
 
 def has_talker(manifest: Manifest) -> bool:
     """True if the bundle can produce speech codes (talker graphs and ``config.talker``)."""
     try:
-        TalkerConfig.from_manifest(manifest)
+        talker_config(manifest)
     except BundleError:
         return False
     return True
@@ -124,7 +77,7 @@ class Talker:
     def __init__(self, manifest: Manifest, pool: SessionPool, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.manifest = manifest
         self.pool = pool
-        self.config = TalkerConfig.from_manifest(manifest)
+        self.config = talker_config(manifest)
         self.device = "cuda" if io_binding_enabled(pool.providers) else "cpu"
         self.prefill_chunk = prefill_chunk
 
@@ -164,7 +117,7 @@ class Talker:
         if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}",
                              fix="ask the talker for 1 or more codes", param="max_new_tokens")
-        thinker_vocab = int(self.manifest.config["thinker"]["vocab_size"])
+        thinker_vocab = self.manifest.configs.thinker.vocab_size
         if not isinstance(speaker_bos, Integral) or isinstance(speaker_bos, bool) or \
                 not 0 <= speaker_bos < thinker_vocab:
             raise InputError(f"speaker_bos must be a thinker token id in [0, {thinker_vocab}), got {speaker_bos!r}",

@@ -66,9 +66,9 @@ class ThinkerGenerator:
         self.pool = pool
         self.device = "cuda" if io_binding_enabled(pool.providers) else "cpu"
         self.prefill_chunk = prefill_chunk
-        gen = manifest.generation
-        self.eos_ids = np.array(gen["eos_token_ids"], dtype=np.int64)
-        self.pad_id = int(gen["pad_token_id"])
+        gen = manifest.configs.generation
+        self.eos_ids = np.array(gen.eos_token_ids, dtype=np.int64)
+        self.pad_id = gen.pad_token_id
 
     def _pad(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         if not prompts or any(len(p) == 0 for p in prompts):

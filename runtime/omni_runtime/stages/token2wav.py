@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from omni_runtime.bundle.config import Token2WavConfig
 from omni_runtime.errors import BundleError, InputError
 from omni_runtime.bundle.manifest import Manifest, verify_file
 
@@ -58,9 +59,6 @@ SOLVERS = ("rk4", "euler")
 SPEAKER_TENSORS = ("speaker_embedding", "reference_embedding", "null_reference_embedding")
 CFG_THRESHOLD = 1e-5  # transformers: guidance_scale < 1e-5 runs the conditioned row only
 REBUILD = "rebuild the bundle with this omni-export version"
-ODE_KEYS = ("solver", "stream_solver", "steps", "guidance_scale", "sway_coefficient")
-STREAM_KEYS = ("dit_chunk_codes", "dit_left_context_codes", "dit_right_context_codes",
-               "vocoder_left_context_frames", "vocoder_right_context_frames")
 
 
 @dataclass(frozen=True)
@@ -74,63 +72,49 @@ class Speaker:
     null_reference_embedding: np.ndarray  # [enc_dim] speaker encoder output for a zero mel
 
 
-def token2wav_config(manifest: Manifest) -> dict:
-    """``config.token2wav`` of the manifest; BundleError when the bundle has no speech output."""
-    cfg = manifest.config.get("token2wav")
-    if not isinstance(cfg, dict) or DIT_GRAPH not in manifest.graphs or BIGVGAN_GRAPH not in manifest.graphs:
+def token2wav_config(manifest: Manifest) -> Token2WavConfig:
+    """``config.token2wav`` of the manifest, typed; BundleError when the bundle has no speech output."""
+    config = manifest.configs.token2wav
+    if config is None or DIT_GRAPH not in manifest.graphs or BIGVGAN_GRAPH not in manifest.graphs:
         raise BundleError("this bundle has no speech output (no token2wav graphs): it was built from a model "
                           "without a talker, or with a recipe that leaves token2wav out",
                           path=manifest.manifest_path,
                           fix="ask for text only, or rebuild from a checkpoint with a talker and token2wav "
                               "with a recipe that exports them (e.g. --recipe fp32)")
-    return cfg
+    return config
 
 
 def speaker_names(manifest: Manifest) -> list[str]:
     """The bundle's speaker names, in the order of spk_dict.pt."""
-    speakers = token2wav_config(manifest).get("speakers")
-    if not isinstance(speakers, dict) or not speakers:
-        raise BundleError("config.token2wav.speakers is missing or empty", path=manifest.manifest_path, fix=REBUILD)
-    return list(speakers)
+    return list(token2wav_config(manifest).speakers)
 
 
 def check_speaker(manifest: Manifest, name: str | None) -> str:
     """``name`` (or the bundle's default speaker when None) if the bundle has it; InputError listing the
     choices otherwise."""
-    names = speaker_names(manifest)
-    if name is None:
-        name = token2wav_config(manifest).get("default_speaker", names[0])
-    if name not in names:
-        raise InputError(f"unknown speaker {name!r}", fix=f"choose one of: {', '.join(names)}", param="speaker")
+    config = token2wav_config(manifest)
+    name = config.default_speaker if name is None else name
+    if name not in config.speakers:
+        raise InputError(f"unknown speaker {name!r}", fix=f"choose one of: {', '.join(config.speakers)}",
+                         param="speaker")
     return name
 
 
 def speaker_bos_token(manifest: Manifest, name: str | None = None) -> int:
     """The talker's text-stream start token of speaker ``name`` (default speaker when None)."""
-    name = check_speaker(manifest, name)
-    entry = token2wav_config(manifest)["speakers"][name]
-    bos = entry.get("bos_token") if isinstance(entry, dict) else None
-    if not isinstance(bos, int) or isinstance(bos, bool) or bos < 0:
-        raise BundleError(f"config.token2wav.speakers.{name}.bos_token must be a token id, not {bos!r}",
-                          path=manifest.manifest_path, fix=REBUILD)
-    return bos
+    return token2wav_config(manifest).speakers[check_speaker(manifest, name)].bos_token
 
 
 def load_speaker(manifest: Manifest, name: str | None = None) -> Speaker:
     """Speaker ``name`` of the bundle (sha256-checked ``.npy`` files, read without pickle)."""
     name = check_speaker(manifest, name)
-    cfg = token2wav_config(manifest)
-    entry = cfg["speakers"][name]
-    where = f"config.token2wav.speakers.{name}"
-    bos = speaker_bos_token(manifest, name)
-    shapes = {"speaker_embedding": (cfg.get("enc_emb_dim"),), "reference_embedding": (cfg.get("enc_dim"),),
-              "null_reference_embedding": (cfg.get("enc_dim"),)}
+    config = token2wav_config(manifest)
+    entry = config.speakers[name]
+    shapes = {"speaker_embedding": (config.enc_emb_dim,), "reference_embedding": (config.enc_dim,),
+              "null_reference_embedding": (config.enc_dim,)}
     arrays = {}
     for tensor in SPEAKER_TENSORS:
-        relpath = entry.get(tensor)
-        if not isinstance(relpath, str) or relpath not in manifest.files:
-            raise BundleError(f"{where}.{tensor} does not name a file listed in the manifest",
-                              path=manifest.manifest_path, fix=REBUILD)
+        relpath = getattr(entry, tensor)
         verify_file(manifest, relpath)
         path = manifest.path(relpath)
         try:
@@ -141,7 +125,7 @@ def load_speaker(manifest: Manifest, name: str | None = None) -> Speaker:
             raise BundleError(f"expected float32 {list(shapes[tensor])}, found {array.dtype} {list(array.shape)}",
                               path=path, fix=REBUILD)
         arrays[tensor] = array
-    return Speaker(name, bos, **arrays)
+    return Speaker(name, entry.bos_token, **arrays)
 
 
 class NoiseSequence:
@@ -191,19 +175,15 @@ class Token2Wav:
     def __init__(self, manifest: Manifest, pool):
         self.manifest = manifest
         self.pool = pool
-        cfg = token2wav_config(manifest)
-        try:
-            self.sample_rate = int(cfg["sample_rate"])
-            self.mel_dim = int(cfg["mel_dim"])
-            self.mel_per_code = int(cfg["mel_per_code"])
-            self.hop_length = int(cfg["hop_length"])
-            self.num_embeds = int(cfg["num_embeds"])
-            self.max_mel_frames = int(cfg["max_mel_frames"])
-            self.ode = {key: cfg["ode"][key] for key in ODE_KEYS}
-            self.stream_config = {key: int(cfg["stream"][key]) for key in STREAM_KEYS}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"config.token2wav is incomplete or malformed ({exc!r})", path=manifest.manifest_path,
-                              fix=REBUILD) from None
+        self.config = config = token2wav_config(manifest)
+        self.sample_rate = config.sample_rate
+        self.mel_dim = config.mel_dim
+        self.mel_per_code = config.mel_per_code
+        self.hop_length = config.hop_length
+        self.num_embeds = config.num_embeds
+        self.max_mel_frames = config.max_mel_frames
+        self.ode = config.ode
+        self.stream_config = config.stream
         self.speakers = speaker_names(manifest)
         self._speakers: dict[str, Speaker] = {}
 
@@ -216,18 +196,18 @@ class Token2Wav:
         return self._speakers[name]
 
     def _options(self, solver, steps, guidance_scale, sway_coefficient, default_solver):
-        solver = self.ode[default_solver] if solver is None else solver
+        solver = getattr(self.ode, default_solver) if solver is None else solver
         if solver not in SOLVERS:
             raise InputError(f"unknown solver {solver!r}", fix=f"use one of: {', '.join(SOLVERS)}", param="solver")
-        steps = self.ode["steps"] if steps is None else steps
+        steps = self.ode.steps if steps is None else steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
             raise InputError(f"steps must be an integer >= 2, got {steps!r}",
                              fix="pass e.g. steps=10 (the number of ODE time points)", param="steps")
-        guidance = self.ode["guidance_scale"] if guidance_scale is None else guidance_scale
+        guidance = self.ode.guidance_scale if guidance_scale is None else guidance_scale
         if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
             raise InputError(f"guidance_scale must be a number, got {guidance!r}", fix="pass e.g. 0.5",
                              param="guidance_scale")
-        sway = self.ode["sway_coefficient"] if sway_coefficient is None else sway_coefficient
+        sway = self.ode.sway_coefficient if sway_coefficient is None else sway_coefficient
         if sway is not None and (not isinstance(sway, (int, float)) or isinstance(sway, bool)
                                  or not math.isfinite(sway)):
             raise InputError(f"sway_coefficient must be a number, got {sway!r}", fix="pass e.g. -1.0",
@@ -362,8 +342,8 @@ class Token2Wav:
     def _stream(self, codes: Iterator, spk: Speaker, noise: NoiseSequence, solver: str, steps: int,
                 guidance: float, sway) -> Iterator[tuple[np.ndarray, bool]]:
         s, r = self.stream_config, self.mel_per_code
-        chunk, left_ctx, right_ctx = s["dit_chunk_codes"], s["dit_left_context_codes"], s["dit_right_context_codes"]
-        voc_left_ctx, voc_right = s["vocoder_left_context_frames"], s["vocoder_right_context_frames"]
+        chunk, left_ctx, right_ctx = s.dit_chunk_codes, s.dit_left_context_codes, s.dit_right_context_codes
+        voc_left_ctx, voc_right = s.vocoder_left_context_frames, s.vocoder_right_context_frames
         hop = self.hop_length
         try:
             dit = self.pool.get(DIT_GRAPH)

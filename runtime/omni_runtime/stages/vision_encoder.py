@@ -22,15 +22,12 @@ OUTPUT_NAME = "vision_embeds"
 
 
 def vision_config(manifest: Manifest) -> VisionConfig:
-    """The bundle's ``config.vision`` block; BundleError if the bundle has no vision encoder."""
-    block = manifest.config.get("vision")
-    if not isinstance(block, dict) or GRAPH_NAME not in manifest.graphs:
+    """The bundle's ``config.vision`` block, typed; BundleError if the bundle has no vision encoder."""
+    config = manifest.configs.vision
+    if config is None or GRAPH_NAME not in manifest.graphs:
         raise BundleError("the bundle has no vision encoder (it was built without the vision module)",
                           path=manifest.manifest_path, fix=REBUILD_FIX + " with a recipe that lists `vision`")
-    try:
-        return VisionConfig.from_manifest(block)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise BundleError(f"config.vision is malformed ({exc})", path=manifest.manifest_path, fix=REBUILD_FIX) from None
+    return config
 
 
 class VisionEncoder:

@@ -11,6 +11,9 @@ int32 [K/group, N/8] and ``<prefix>.scales`` float16 [K/group, N]; the bias stay
 ``<prefix>.bias``. For Qwen2.5-Omni only the thinker's text decoder layers are quantized
 (AutoAWQ's ``Qwen2_5_OmniAWQForConditionalGeneration.get_model_layers`` is
 ``thinker.model.layers``).
+
+:attr:`omni_export.checkpoint.reader.Checkpoint.autoawq` holds a checkpoint's validated settings;
+the int4 levels are unpacked by ``omni_export.quant.packing.unpack_autoawq``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from omni_export.quant.packing import unpack_autoawq
 from omni_export.quant.types import QuantWeight
 
 if TYPE_CHECKING:  # pragma: no cover
-    from omni_export.checkpoint.reader import Checkpoint
+    from omni_export.checkpoint.reader import Checkpoint  # which reads config.json with detect_autoawq
 
 __all__ = ["AutoAwqError", "detect_autoawq", "is_autoawq_linear", "read_autoawq_linear"]
 
@@ -103,21 +106,20 @@ def is_autoawq_linear(ckpt: "Checkpoint", prefix: str) -> bool:
 
 def read_autoawq_linear(ckpt: "Checkpoint", prefix: str) -> QuantWeight:
     """The :class:`QuantWeight` [N, K] of the AutoAWQ GEMM linear ``prefix`` (e.g.
-    ``thinker.model.layers.0.self_attn.q_proj``), read lazily with ``Checkpoint.read``.
+    ``thinker.model.layers.0.self_attn.q_proj``), read lazily with ``Checkpoint.tensors``.
     The bias, if any, is ``<prefix>.bias`` (read it as any float tensor)."""
     import torch
 
-    names = {f"{prefix}.{part}": part for part in ("qweight", "qzeros", "scales")}
-    missing = [n for n in names if n not in ckpt.weight_map]
-    if missing:
-        raise AutoAwqError(f"AWQ tensors missing from the weights: {', '.join(missing)}",
+    if not is_autoawq_linear(ckpt, prefix):
+        raise AutoAwqError(f"{prefix} is not an AutoAWQ linear: {prefix}.qweight is missing from the weights",
                            fix="the checkpoint is incomplete or not AutoAWQ GEMM: download all weight shards")
-    config = detect_autoawq(ckpt.raw_config)
-    ints = ckpt.read({f"{prefix}.qweight": "qweight", f"{prefix}.qzeros": "qzeros"}, torch.int32)
-    scales = ckpt.read({f"{prefix}.scales": "scales"}, torch.float16)["scales"]
+    at = (f"{prefix}.",)
+    ints = ckpt.tensors(at, ["qweight", "qzeros"], torch.int32)
+    scales = ckpt.tensors(at, ["scales"], torch.float16)["scales"]
     qweight, qzeros = ints["qweight"].numpy(), ints["qzeros"].numpy()
     k = qweight.shape[0]
     g = qzeros.shape[0] if qzeros.ndim == 2 else 0
+    config = ckpt.autoawq
     if config is not None:
         group_size = config["group_size"]
     elif g and k % g == 0:
