@@ -26,11 +26,13 @@ written to external data as they come, so the builder holds one layer in memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from omni_runtime.bundle.config import DecoderConfig
 
 from omni_export.export.decoder_weights import LINEARS
 from omni_export.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
@@ -40,35 +42,13 @@ F = ir.DataType.FLOAT
 
 
 @dataclass(frozen=True)
-class TextDims:
-    """The thinker text model's shape constants (from its transformers config)."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, int, int]
-    max_position_embeddings: int
+class TextDims(DecoderConfig):
+    """A decoder's shape constants from its transformers config: the runtime's ``DecoderConfig``
+    (the manifest's ``config.thinker`` / ``config.talker`` decoder fields), float32 KV cache."""
 
     def manifest_config(self) -> dict:
         """The decoder's shape constants as the manifest's ``config.<module>`` block records them."""
-        return {
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "mrope_section": list(self.mrope_section),
-            "max_position_embeddings": self.max_position_embeddings,
-            "kv_dtype": "float32",
-        }
+        return {**dataclasses.asdict(self), "mrope_section": list(self.mrope_section)}
 
     def layer_float_bytes(self, intermediate_size: int) -> int:
         """float32 bytes of one decoder layer's linear weights (q, k, v, o and the SwiGLU MLP)."""
@@ -81,7 +61,7 @@ class TextDims:
         rope = cfg.rope_parameters
         return cls(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
                    head_dim(cfg), cfg.vocab_size, float(cfg.rms_norm_eps), float(rope["rope_theta"]),
-                   tuple(rope.get("mrope_section", [16, 24, 24])), cfg.max_position_embeddings)
+                   tuple(rope.get("mrope_section", [16, 24, 24])), cfg.max_position_embeddings, "float32")
 
 
 @dataclass
