@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/omni-export inspect $(DEMO)/bundle
 	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Tell me about the sea." --max-new-tokens 24 --sample --seed 0
 	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Tell me about the sea." --max-new-tokens 8 --greedy --json
-	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Say hello." --max-new-tokens 8 --greedy --wav $(DEMO)/reply.wav
+	$(BIN)/omni-export run $(DEMO)/bundle --prompt "Say hello." --max-new-tokens 8 --greedy --wav $(DEMO)/reply.wav --max-speech-seconds 3
 	$(BIN)/omni-export build --model $(DEMO)/model --recipe awq --out $(DEMO)/bundle-awq
 	$(BIN)/omni-export verify $(DEMO)/bundle-awq --model $(DEMO)/model
 	$(BIN)/omni-export run $(DEMO)/bundle-awq --prompt "Tell me about the sea." --max-new-tokens 8 --greedy

@@ -4,7 +4,7 @@
                  [--use-audio-in-video] [--video-fps FPS] [--system TEXT] [--max-new-tokens N]
                  [--greedy | --sample] [--temperature T] [--top-k K] [--top-p P]
                  [--repetition-penalty R] [--seed S] [--device auto|cpu|cuda] [--json]
-                 [--wav OUT [--speaker NAME] [--stream-audio]]
+                 [--wav OUT [--speaker NAME] [--stream-audio] [--max-speech-seconds S]]
 
 ``omni-export run`` is this same command (it calls :func:`run_main`). Errors are OmniErrors
 printed as one message naming the file or value and the fix, exit code 2, no traceback; the
@@ -46,11 +46,12 @@ FLAGS = {
     "use_audio_in_video": "--use-audio-in-video",
     "video_fps": "--video-fps",
     "speaker": "--speaker",
+    "max_speech_seconds": "--max-speech-seconds",
 }
 # Names translated wherever they appear as a word; "seed", "device" and "speaker" only when the
 # error is about that parameter (``exc.param``); "prompt" and "system" never (plain English words).
 _ALWAYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample",
-           "use_audio_in_video", "video_fps")
+           "use_audio_in_video", "video_fps", "max_speech_seconds")
 _BY_PARAM = ("seed", "device", "speaker")
 _ASSIGNMENT = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r")=(\"[^\"]*\"|'[^']*'|[^\s,;)]+)")
 
@@ -90,7 +91,8 @@ speech:
   solver); --stream-audio runs token2wav in chunks while the talker produces codes instead (the
   official streaming scheme, Euler solver: the first audio comes sooner, the waveform differs
   slightly). token2wav's initial noise is drawn from --seed (0 without it), so the same
-  command gives the same audio.
+  command gives the same audio. --max-speech-seconds S stops the talker after S seconds of
+  codes (a random talker never says its stop code; a real one can ramble).
 
 output:
   The answer is streamed to stdout. --json prints one JSON object instead: text, prompt_ids,
@@ -98,7 +100,8 @@ output:
   token counts: {"audio_tokens": [...], "image_tokens": [...], "video_tokens": [...]} (and
   "video_audio_tokens" with --use-audio-in-video); with --wav also "codes" (the talker's),
   "speaker", "sample_rate", "first_audio_seconds" (from the start of the request),
-  "audio_seconds" and "wav" (the file written).
+  "audio_seconds", "speech_finish_reason" ("eos": the talker's stop code, "length": its code
+  limit, "seconds": --max-speech-seconds) and "wav" (the file written).
 """
 
 
@@ -171,6 +174,7 @@ class RunOptions:
     wav: str | None = None  # speak the answer into this WAV file
     speaker: str | None = None  # None: the bundle's default speaker
     stream_audio: bool = False
+    max_speech_seconds: float | None = None
 
     @property
     def has_media(self) -> bool:
@@ -200,8 +204,9 @@ def check_run_options(opts: RunOptions) -> None:
     if opts.video_fps is not None and not opts.video:
         raise InputError("--video-fps needs a --video", fix="add --video FILE, or drop --video-fps")
     if opts.wav is None:
-        for flag, value in (("--speaker", opts.speaker), ("--stream-audio", opts.stream_audio)):
-            if value:
+        for flag, value in (("--speaker", opts.speaker), ("--stream-audio", opts.stream_audio),
+                            ("--max-speech-seconds", opts.max_speech_seconds)):
+            if value is not None and value is not False:
                 raise InputError(f"{flag} needs --wav", fix=f"add --wav OUT.wav to hear the answer, or drop {flag}")
     else:
         check_wav_path(opts.wav)
@@ -278,6 +283,7 @@ def chat_request(opts: RunOptions):
     speech = {}
     if opts.wav is not None:
         speech = dict(speech=True, speaker=opts.speaker, stream=opts.stream_audio,
+                      max_speech_seconds=opts.max_speech_seconds,
                       noise_seed=0 if opts.seed is None else opts.seed)
     if not opts.has_media:
         return ChatRequest(prompt=opts.prompt, system=opts.system, max_new_tokens=opts.max_new_tokens,
@@ -399,6 +405,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-audio", action="store_true",
                         help="with --wav: make the audio in chunks while the talker runs (official streaming "
                              "scheme, Euler) instead of at once (transformers' RK4)")
+    parser.add_argument("--max-speech-seconds", type=_finite, metavar="S",
+                        help="with --wav: stop the talker after S seconds of speech (default: no bound but the "
+                             "talker's code limit)")
 
 
 def run_parser(prog: str = "omni-runtime run") -> argparse.ArgumentParser:

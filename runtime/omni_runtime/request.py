@@ -21,7 +21,8 @@ from omni_runtime.errors import InputError
 from omni_runtime.stages.sampling import SamplingConfig
 
 #: the speech options, which apply only when speech is asked for
-SPEECH_OPTIONS = ("speaker", "stream", "solver", "talker_sampling", "talker_max_new_tokens", "noise_seed")
+SPEECH_OPTIONS = ("speaker", "stream", "solver", "talker_sampling", "talker_max_new_tokens", "max_speech_seconds",
+                  "noise_seed")
 
 
 def check_count(value, name: str, low: int, fix: str) -> None:
@@ -71,7 +72,9 @@ class ChatRequest:
     audio, image and video parts, see ``OmniRunner.chat``) is given. ``None`` means the bundle's
     default for every optional field: the system prompt, ``max_new_tokens`` (clamped to the
     context), ``sampling`` (the bundle's generation defaults), the speaker, the solver (``rk4``
-    whole, ``euler`` streamed), the talker's sampling and code limit. ``stream`` None: streamed
+    whole, ``euler`` streamed), the talker's sampling and code limit. ``max_speech_seconds``
+    stops the talker after that many seconds of codes (a random talker never says its stop code,
+    a real one can ramble); the result's ``speech_finish_reason`` then says ``"seconds"``. ``stream`` None: streamed
     when the caller takes audio chunks. ``seed`` seeds the thinker's and the talker's sampling;
     ``noise_seed`` (default: ``seed``) token2wav's initial noise.
     """
@@ -90,6 +93,7 @@ class ChatRequest:
     solver: str | None = None
     talker_sampling: SamplingConfig | None = None
     talker_max_new_tokens: int | None = None
+    max_speech_seconds: float | None = None
     noise_seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -100,7 +104,9 @@ class ChatRequest:
             check_count(self.seed, "seed", 0, "pass a seed >= 0 (or None)")
         _check_flag(self.speech, "speech", "pass speech=True to hear the answer")
         if not self.speech:
-            given = [name for name in SPEECH_OPTIONS if getattr(self, name) not in (None, False)]
+            # stream=False is the default spelled out; 0 or 0.0 is a value given (and checked below)
+            given = [name for name in SPEECH_OPTIONS if getattr(self, name) is not None
+                     and getattr(self, name) is not False]
             if given:
                 raise InputError(f"{', '.join(given)} only apply to speech, which was not asked for",
                                  fix="pass speech=True (or on_audio) to hear the answer, or leave them out",
@@ -113,6 +119,12 @@ class ChatRequest:
         if self.talker_max_new_tokens is not None:
             check_count(self.talker_max_new_tokens, "talker_max_new_tokens", 1,
                         "ask the talker for 1 or more codes, or None for the bundle's default")
+        seconds = self.max_speech_seconds
+        if seconds is not None and (not isinstance(seconds, Real) or isinstance(seconds, bool)
+                                    or not math.isfinite(seconds) or seconds <= 0):
+            raise InputError(f"max_speech_seconds must be a number > 0, got {seconds!r}",
+                             fix="pass the most seconds of speech to make (e.g. 10), or None for no bound",
+                             param="max_speech_seconds")
         if self.noise_seed is not None:
             check_count(self.noise_seed, "noise_seed", 0, "pass a noise_seed >= 0 (or None)")
         _check_flag(self.use_audio_in_video, "use_audio_in_video",

@@ -87,6 +87,9 @@ class ChatResult:
     speaker: str | None = None
     first_audio_seconds: float | None = None
     audio_seconds: float | None = None
+    #: why the speech ended: "eos" (the talker's stop code), "length" (talker_max_new_tokens) or
+    #: "seconds" (max_speech_seconds)
+    speech_finish_reason: str | None = None
 
     def to_json(self) -> dict:
         """JSON-ready fields: everything but ``audio`` (the waveform); ``media`` only for media
@@ -97,7 +100,8 @@ class ChatResult:
             body["media"] = self.media
         if self.codes is not None:
             body.update(codes=list(self.codes), speaker=self.speaker, sample_rate=self.sample_rate,
-                        first_audio_seconds=self.first_audio_seconds, audio_seconds=self.audio_seconds)
+                        first_audio_seconds=self.first_audio_seconds, audio_seconds=self.audio_seconds,
+                        speech_finish_reason=self.speech_finish_reason)
         return body
 
 
@@ -301,6 +305,8 @@ class OmniRunner:
         bundle). ``talker_sampling`` None uses the bundle's talker defaults (sampling: top-k 40,
         top-p 0.8, temperature 0.9, repetition penalty 1.05; ``Talker.default_sampling(False)``
         is greedy); ``talker_max_new_tokens`` bounds the codes (default: the bundle's, 4096).
+        ``max_speech_seconds`` stops the talker after that many seconds of codes
+        (``speech_finish_reason`` ``"seconds"``; otherwise ``"eos"`` or ``"length"``).
         ``seed`` also seeds the talker's sampling; ``noise_seed`` (default: ``seed``) draws
         token2wav's initial noise (``numpy.random.default_rng(noise_seed)``; None: fresh).
         """
@@ -398,6 +404,7 @@ class OmniRunner:
         result.speaker = voice.speaker
         result.first_audio_seconds = spoken.first_audio_seconds
         result.audio_seconds = len(spoken.audio) / spoken.sample_rate
+        result.speech_finish_reason = spoken.finish_reason
         return result
 
     def prompt_inputs(self, prompt: str | ChatRequest | None = None, **fields) -> PromptInputs:

@@ -80,6 +80,9 @@ class SpeechOptions:
     solver: str
     sampling: SamplingConfig
     max_codes: int
+    #: ``speech_finish_reason`` when the talker reaches ``max_codes``: "length" (talker_max_new_tokens)
+    #: or "seconds" (max_speech_seconds)
+    limit_reason: str
     seed: int | None  # the talker's sampling seed
     noise_seed: int | None  # token2wav's initial noise
 
@@ -92,6 +95,9 @@ class SpeechOutput:
     audio: np.ndarray
     sample_rate: int
     first_audio_seconds: float | None = None
+    #: why the talker stopped: "eos" (its stop code), "length" (talker_max_new_tokens) or
+    #: "seconds" (max_speech_seconds)
+    finish_reason: str | None = None
 
 
 class _Cancelled(Exception):
@@ -168,13 +174,19 @@ class SpeechPipeline:
         max_codes = request.talker_max_new_tokens
         max_codes = self.talker.config.max_new_tokens if max_codes is None else max_codes
         t2w = self.token2wav
+        limit_reason = "length"
+        if request.max_speech_seconds is not None:
+            codes_per_second = t2w.sample_rate / (t2w.mel_per_code * t2w.hop_length)  # 50 for Qwen2.5-Omni
+            seconds_codes = max(1, int(request.max_speech_seconds * codes_per_second))
+            if seconds_codes < max_codes:
+                max_codes, limit_reason = seconds_codes, "seconds"
         if not stream and max_codes * t2w.mel_per_code > t2w.max_mel_frames:
             raise InputError(f"talker_max_new_tokens={max_codes} codes can make {max_codes * t2w.mel_per_code} mel "
                              f"frames, more than the {t2w.max_mel_frames} token2wav solves at once",
                              fix=f"stream the audio (stream=True), or ask for at most "
                                  f"{t2w.max_mel_frames // t2w.mel_per_code} codes", param="talker_max_new_tokens")
-        return SpeechOptions(spk.name, spk.bos_token, stream, solver, sampling, int(max_codes), request.seed,
-                             request.noise)
+        return SpeechOptions(spk.name, spk.bos_token, stream, solver, sampling, int(max_codes), limit_reason,
+                             request.seed, request.noise)
 
     def run(self, states: ThinkerStates, opts: SpeechOptions, start: float,
             out: SpeechOutput) -> Iterator[tuple[np.ndarray, bool]]:
@@ -190,6 +202,8 @@ class SpeechPipeline:
                 pieces.append(pcm)
                 if last:
                     out.audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+                    # the talker's codes exclude its stop code: all max_codes of them means no stop
+                    out.finish_reason = opts.limit_reason if len(out.codes) >= opts.max_codes else "eos"
                 yield pcm, last
         finally:
             chunks.close()
