@@ -197,7 +197,7 @@ def inspect(
         manifest = load_manifest(bundle)
         if verify:
             for rel in manifest.files:
-                verify_file(manifest, rel)
+                verify_file(manifest, rel, remembered=False)  # --verify hashes every file
     except OmniError as exc:
         fail(exc)
     if as_json:

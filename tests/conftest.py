@@ -10,11 +10,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Remembered sha256 checks (omni_runtime.bundle.hash_cache) go to a cache of this test run, not
+# the user's: subprocesses inherit it.
+os.environ["OMNI_RUNTIME_CACHE_DIR"] = tempfile.mkdtemp(prefix="omni-runtime-cache-")
 
 
 def build_tiny(tmp_path_factory, seed: int) -> tuple[Path, Path]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from omni_runtime.bundle import names
 from omni_runtime.bundle.config import Configs, DecoderConfig, parse_configs
+from omni_runtime.bundle import hash_cache
 from omni_runtime.errors import BundleError
 
 SCHEMA = "omni-export.bundle"
@@ -552,14 +553,21 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def verify_file(manifest: Manifest, relpath: str) -> None:
-    """Check the sha256 of a listed bundle file (read in 1 MiB chunks); BundleError if it differs."""
+def verify_file(manifest: Manifest, relpath: str, remembered: bool = True) -> None:
+    """Check the sha256 of a listed bundle file (read in 1 MiB chunks); BundleError if it differs.
+
+    ``remembered``: a file that matched before and has not changed since (same device, inode,
+    size, mtime and ctime, ``omni_runtime.bundle.hash_cache``) is not hashed again; False hashes
+    it whatever the cache says (``inspect --verify``)."""
     entry = manifest.files.get(relpath)
     if entry is None:
         raise BundleError(
             f"{relpath!r} is not listed in the manifest's files", path=manifest.manifest_path, fix=REBUILD_FIX
         )
     path = manifest.path(relpath)
+    expected = entry["sha256"].lower()
+    if remembered and hash_cache.known(path, expected):
+        return
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -571,11 +579,11 @@ def verify_file(manifest: Manifest, relpath: str) -> None:
         raise BundleError(f"cannot read this file listed in the manifest ({e.strerror or e})", path=path,
                           fix=COPY_FIX) from e
     actual = digest.hexdigest()
-    expected = entry["sha256"].lower()
     if actual != expected:
         raise BundleError(
             f"corrupt: sha256 mismatch (manifest says {expected}, file has {actual})", path=path, fix=COPY_FIX
         )
+    hash_cache.remember(path, expected)
 
 
 def _relpath_problem(relpath: object) -> str | None:
