@@ -19,9 +19,9 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
     import torch
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniVisionEncoder
 
-    from omni_runtime.media.vision_prep import VisionConfig, encoder_inputs
+    from omni_runtime.media.vision_prep import encoder_inputs
 
-    cfg = VisionConfig.from_manifest(ctx.manifest.config)
+    cfg = ctx.manifest.configs.vision
     t, h, w = VISION_GRID
     patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
     pixels = ctx.rng().standard_normal((t * h * w, patch_dim)).astype(np.float32)  # normalized-pixel range
