@@ -43,12 +43,23 @@ def _identity(path: Path) -> list[int] | None:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+_parsed: dict = {}  # cache path -> (its stat identity, its records): parsed once while unchanged
+
+
 def _load(cache: Path) -> dict:
+    """The records of ``cache`` (a copy), re-read only when the file changed (another process wrote it)."""
+    identity = _identity(cache)
+    held = _parsed.get(cache)
+    if identity is not None and held is not None and held[0] == identity:
+        return dict(held[1])
     try:
         data = json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    data = data if isinstance(data, dict) else {}
+    if identity is not None:
+        _parsed[cache] = (identity, data)
+    return dict(data)
 
 
 def known(path: Path, sha256: str) -> bool:
