@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo
+REF_ENV := build/ref-transformers-4.57.3
 
-.PHONY: setup demo test runtime-check clean
+.PHONY: setup ref-env demo test runtime-check clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(REF_ENV)/.installed
 
 # torch==2.14.1 / torchvision==0.29.1 are taken from the machine's local wheel store;
 # any other torch request would download a multi-GB CUDA build.
@@ -15,6 +16,19 @@ $(VENV)/.installed: pyproject.toml runtime/pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e "./runtime[cpu]" -e ".[dev]"
+	touch $@
+
+# transformers 4.57.3, the oracle for the talker's generation (docs/reference-versions.md), beside
+# .venv's 5.23: only it and the two packages whose ranges differ, into their own directory; the
+# tests run it in a subprocess with that directory first on PYTHONPATH, so torch is .venv's.
+ref-env: $(REF_ENV)/.installed
+
+$(REF_ENV)/.installed: $(VENV)/.installed
+	rm -rf $(REF_ENV)
+	$(BIN)/pip install -q --target $(REF_ENV) --no-deps transformers==4.57.3 'huggingface-hub<1.0,>=0.34' \
+		'tokenizers>=0.22,<0.23'
+	PYTHONPATH=$(REF_ENV) $(BIN)/python -c "import transformers; assert transformers.__version__ == '4.57.3'; \
+	from transformers import Qwen2_5OmniForConditionalGeneration"
 	touch $@
 
 # Build a bundle from the embedded random-weight tiny model and chat with it.

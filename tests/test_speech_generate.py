@@ -1,17 +1,15 @@
 """Speech out end to end: ``OmniRunner.chat(speech=True)`` / ``speak()`` and ``run --wav`` against
 transformers' ``Qwen2_5OmniForConditionalGeneration.generate``.
 
-Reference: transformers 5's whole generate (it returns ``(text ids, waveform)`` when the model
-has a talker; 5.23 has no ``return_audio`` argument any more) with ``thinker_do_sample=False``
-and ``talker_do_sample=False`` (the talker keeps its repetition penalty 1.05), speaker
-Chelsie, on one unpadded prompt. Two hand-overs make it comparable:
-
-- transformers 5.23 drops an all-ones attention mask before the talker's forward, which then
-  skips the codec pad/bos embeddings and the talker's TMRoPE positions; transformers 4.5x and
-  the official Qwen2.5-Omni code always pass the mask, and the runtime follows them. The
-  reference's ``talker.prepare_inputs_for_generation`` is wrapped to pass the mask it dropped.
-- token2wav starts from ``torch.randn`` noise: it is replaced by the noise the runtime
-  documents for a seed (``numpy.random.default_rng(seed).standard_normal((frames, 80))``).
+Reference: transformers 4.57.3's whole generate (``omni_export.testkit.reference_4_57``, the oracle for
+the talker's generation: the released model's behaviour, docs/reference-versions.md) with
+``thinker_do_sample=False`` and ``talker_do_sample=False`` (the talker keeps its repetition penalty
+1.05), speaker Chelsie, on one prompt with its attention mask, as a user calls it: the text ids and
+codes. The waveform is a module forward, so it comes from the installed 5.23's token2wav on those
+codes, from the noise the runtime documents for a seed
+(``numpy.random.default_rng(seed).standard_normal((frames, 80))`` in place of ``torch.randn``).
+The codes compared are the talker's (its stop id removed): on a length stop 4.57.3 hands token2wav
+one code fewer (pinned in test_talker_reference.py).
 
 The checkpoints are tiny random models with two changes both sides read (``speech_checkpoint``):
 token2wav weights redrawn at audible scale (``token2wav_refs.loud_checkpoint``: the tiny
@@ -30,7 +28,6 @@ recorded by the talker's code callback and ``on_audio``, not on times.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -52,6 +49,7 @@ from omni_runtime.stages.talker import Talker
 from omni_runtime.stages.token2wav import Token2Wav
 
 from conftest import run_cli
+from omni_export.testkit import reference_4_57
 from omni_export.testkit.token2wav_refs import loud_checkpoint, reference_model, torch_threads
 
 TOL = 1e-3
@@ -131,41 +129,25 @@ def seeded_noise(seed: int):
         torch.randn = real
 
 
-def reference_speech(model, prompt_ids: list[int], eos: list[int], pad: int, noise_seed: int,
+def reference_codes(checkpoint: Path, prompt_ids: list[int], eos: list[int], pad: int,
+                    talker_new: int | None = None) -> tuple[list[int], list[int]]:
+    """transformers 4.57.3's generate, greedy thinker and talker: (reply ids, codes without the stop id)."""
+    run = reference_4_57.generate([reference_4_57.Request(
+        checkpoint, prompt_ids, THINKER_NEW, talker_new, speaker=SPEAKER, thinker_eos_token_id=eos,
+        thinker_pad_token_id=pad)])[0]
+    return run.reply, run.talker_tokens[:-1] if run.talker_finish == "eos" else run.talker_tokens
+
+
+def reference_speech(checkpoint: Path, model, prompt_ids: list[int], eos: list[int], pad: int, noise_seed: int,
                      talker_new: int | None = None):
-    """transformers' generate, greedy thinker and talker: (reply ids, codes token2wav got, waveform)."""
-    recorded = {}
-    talker_prepare = model.talker.prepare_inputs_for_generation
-    token2wav_forward = model.token2wav.forward
-
-    @functools.wraps(talker_prepare)
-    def prepare(input_ids, *args, **kwargs):
-        if kwargs.get("attention_mask") is None:  # dropped by transformers 5 for an unpadded prompt
-            kwargs["attention_mask"] = torch.ones_like(input_ids)
-        return talker_prepare(input_ids, *args, **kwargs)
-
-    def token2wav(code, *args, **kwargs):
-        recorded["codes"] = code[0].tolist()
-        return token2wav_forward(code, *args, **kwargs)
-
-    ids = torch.tensor([prompt_ids])
-    extra = {} if talker_new is None else {"talker_max_new_tokens": talker_new}
-    model.talker.prepare_inputs_for_generation = prepare
-    model.token2wav.forward = token2wav
-    try:
-        with seeded_noise(noise_seed), torch.no_grad(), torch_threads():
-            sequences, waveform = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), speaker=SPEAKER,
-                thinker_max_new_tokens=THINKER_NEW, thinker_do_sample=False, thinker_eos_token_id=eos,
-                thinker_pad_token_id=pad, talker_do_sample=False, **extra)
-    finally:
-        del model.talker.prepare_inputs_for_generation, model.token2wav.forward
-    reply = []
-    for token in sequences[0, len(prompt_ids):].tolist():
-        reply.append(token)
-        if token in eos:
-            break
-    return reply, recorded["codes"], waveform.reshape(-1).numpy()
+    """(reply ids, codes) of :func:`reference_codes` and the waveform of ``model``'s (5.23) token2wav on
+    those codes from the runtime's noise for ``noise_seed``."""
+    reply, codes = reference_codes(checkpoint, prompt_ids, eos, pad, talker_new)
+    speaker = model.speaker_map[SPEAKER]
+    with seeded_noise(noise_seed), torch.no_grad(), torch_threads():
+        waveform = model.token2wav(torch.tensor([codes]), conditioning=speaker["cond"].float(),
+                                   reference_mel=speaker["ref_mel"].float())
+    return reply, codes, waveform.reshape(-1).numpy()
 
 
 def talker_threads() -> list[threading.Thread]:
@@ -206,8 +188,8 @@ def test_chat_speech_equals_transformers_generate(api_case, runner, greedy_talke
                          noise_seed=7)
     gen = runner.manifest.generation
     assert result.prompt_ids == hf_prompt_ids(checkpoint, PROMPT)
-    reply, codes, waveform = reference_speech(model, result.prompt_ids, gen["eos_token_ids"], gen["pad_token_id"],
-                                              noise_seed=7, talker_new=talker_new)
+    reply, codes, waveform = reference_speech(checkpoint, model, result.prompt_ids, gen["eos_token_ids"],
+                                              gen["pad_token_id"], noise_seed=7, talker_new=talker_new)
     assert result.token_ids == reply
     assert len(codes) == talker_new  # the zeroed eos row: no stop, the limit ends the codes
     assert result.codes == codes
@@ -432,8 +414,7 @@ def cli_case(tmp_path_factory):
     base = tmp_path_factory.mktemp(f"speech-seed{CLI_SEED}")
     open_model = speech_checkpoint(base / "open", CLI_SEED)
     eos, pad = [151645, 151643], 151643  # the thinker's <|im_end|>, <|endoftext|> (manifest.generation)
-    _, codes, _ = reference_speech(reference_model(open_model), hf_prompt_ids(open_model, PROMPT), eos, pad,
-                                   noise_seed=0, talker_new=120)
+    _, codes = reference_codes(open_model, hf_prompt_ids(open_model, PROMPT), eos, pad, talker_new=120)
     firsts = [k for k, code in enumerate(codes) if code not in codes[:k]]
     stop = firsts[-1]
     assert stop >= 30, firsts  # a long enough answer (more than one 24-code DiT block)
@@ -457,8 +438,9 @@ def test_cli_wav_equals_transformers(cli_case, tmp_path):
     assert body["wav"] == str(out) and sorted(os.listdir(out.parent)) == ["answer.wav"]
     gen = json.loads((bundle / "manifest.json").read_text())["generation"]
     assert body["prompt_ids"] == hf_prompt_ids(checkpoint, PROMPT)
-    reply, codes, waveform = reference_speech(reference_model(checkpoint), body["prompt_ids"], gen["eos_token_ids"],
-                                              gen["pad_token_id"], noise_seed=0)  # no --seed: noise seed 0
+    reply, codes, waveform = reference_speech(checkpoint, reference_model(checkpoint), body["prompt_ids"],
+                                              gen["eos_token_ids"], gen["pad_token_id"],
+                                              noise_seed=0)  # no --seed: noise seed 0
     assert body["token_ids"] == reply
     assert len(codes) == stop and CODEC_EOS not in codes  # transformers stopped on the eos too
     assert body["codes"] == codes
@@ -478,14 +460,21 @@ def test_cli_stream_audio_and_speaker(cli_case, tmp_path):
     picks the voice, and without --json the text goes to stdout and a note to stderr."""
     import soundfile
 
-    _, bundle, _ = cli_case
+    _, bundle, stop = cli_case
     out = tmp_path / "ethan.wav"
+    # the eos row was placed for Chelsie's codes: Ethan's may never reach it, so his speech is bounded
     proc = run_cli("run", bundle, "--prompt", PROMPT, "--greedy", "--max-new-tokens", THINKER_NEW, "--wav", out,
-                   "--speaker", "Ethan", "--stream-audio", "--json")
+                   "--speaker", "Ethan", "--stream-audio", "--max-speech-seconds", 2, "--json")
     assert proc.returncode == 0, proc.stderr
     body = json.loads(proc.stdout)
-    assert body["speaker"] == "Ethan" and 0 < len(body["codes"]) < 4096  # Ethan's bos: other codes, an eos too
+    assert body["speaker"] == "Ethan" and body["speech_finish_reason"] in ("eos", "seconds")
+    assert 0 < len(body["codes"]) <= 100  # 2 s at 50 codes per second
     runner = OmniRunner(bundle, device="cpu")
+    chelsie = runner.chat(PROMPT, max_new_tokens=THINKER_NEW, sampling=GREEDY, speech=True,
+                          talker_sampling=runner.default_talker_sampling(do_sample=False))
+    assert len(chelsie.codes) == stop
+    n = min(len(chelsie.codes), len(body["codes"]))
+    assert body["codes"][:n] != chelsie.codes[:n]  # Ethan's bos row: other codes
     expected = np.concatenate([pcm for pcm, _ in Token2Wav(runner.manifest, runner.pool).stream(
         body["codes"], "Ethan", seed=0)])
     audio, _ = soundfile.read(out, dtype="float32")

@@ -1,30 +1,16 @@
-"""The runtime's talker against transformers' ``Qwen2_5OmniForConditionalGeneration.generate``.
+"""The runtime's talker: its inputs from the thinker, streaming, sessions, errors.
 
-Reference: transformers' whole generate (greedy thinker, ``talker_do_sample=False`` with the
-other talker defaults: repetition penalty 1.05, codec bos suppressed, eos 8292/8294) on the
-tiny checkpoint, with ``token2wav.forward`` replaced by a stub that records the codes it is
-given (each row's talker output trimmed at its eos, exactly what transformers vocalises) and
-``talker.generate`` wrapped to record its processed scores (for near-tie reporting).
+The generate-level comparison (greedy codes against ``Qwen2_5OmniForConditionalGeneration.generate``)
+is in test_talker_reference.py, against transformers 4.57.3: the released model's behaviour, which
+transformers 5.23's generate no longer has (docs/reference-versions.md). Here, against the installed
+5.23 where the two versions agree:
 
-The reference runs a left-padded batch of two prompts. transformers 5 drops an all-ones
-attention mask before the forward pass, and the talker's forward adds the codec pad/bos
-embeddings to the last two prefill positions and computes its TMRoPE positions only when it
-receives a mask: so an unpadded single prompt skips them (unlike transformers 4.5x and the
-official Qwen2.5-Omni code, which always pass the mask), while a padded batch takes the
-intended path for every row. The runtime implements the intended path; each of its rows,
-generated alone, must give the codes of its row in the batch.
-
-Runtime: ``ThinkerGenerator.generate(..., keep_states=True)`` then ``Talker.generate`` per row.
-A code step may be excused only where the reference's top-2 processed-score margin is below
-1e-4 (a near-tie fp32 rounding may flip); the codes before it must be equal.
-
-Also: the thinker states handed to the talker (input embeddings, post-norm hidden states)
-against transformers' ``output_hidden_states`` (<= 1e-4), placeholder zeroing, eos handling on
-a checkpoint whose codec head makes the talker stop, streaming callback, session release, and
-the error of a bundle without a talker.
+- the thinker states handed to the talker (input embeddings, post-norm hidden states) against
+  transformers' ``thinker.generate(output_hidden_states=True)`` (<= 1e-4), and placeholder zeroing;
+- the runtime alone: the streaming callback sees the returned codes, a row of a batched thinker run
+  gets the codes it gets alone, sessions are released, the errors of bad inputs and of a bundle
+  without a talker, sampled codes reproducible with a seed.
 """
-
-import shutil
 
 import numpy as np
 import pytest
@@ -38,7 +24,6 @@ from omni_runtime.stages.talker import Talker
 from omni_runtime.stages.thinker import ThinkerGenerator
 
 TOLERANCE = 1e-4
-MARGIN = 1e-4
 THINKER_NEW = 12
 TALKER_NEW = 48
 PROMPT = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198, 151644, 77091, 198]
@@ -57,55 +42,8 @@ def load_reference(checkpoint):
                                                                  dtype="float32").eval()
 
 
-def reference_speech(model, prompts, eos, pad):
-    """transformers' generate on the left-padded batch ``prompts``: per row (thinker reply ids,
-    codes token2wav receives, per-step top-2 margins of the talker's processed scores)."""
-    captured = {"codes": []}
-
-    def token2wav_stub(code, conditioning=None, reference_mel=None, **kwargs):
-        captured["codes"].append(code[0].tolist())
-        return torch.zeros(240)
-
-    talker_generate = model.talker.generate
-
-    def recording_generate(*args, **kwargs):
-        out = talker_generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
-        captured["scores"] = out.scores
-        return out.sequences
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    model.token2wav.forward = token2wav_stub
-    model.talker.generate = recording_generate
-    try:
-        with torch.no_grad():
-            sequences, _ = model.generate(input_ids=ids, attention_mask=mask, speaker=SPEAKER,
-                                          thinker_max_new_tokens=THINKER_NEW, thinker_do_sample=False,
-                                          thinker_eos_token_id=eos, thinker_pad_token_id=pad,
-                                          talker_do_sample=False, talker_max_new_tokens=TALKER_NEW)
-    finally:
-        del model.token2wav.forward, model.talker.generate
-    rows = []
-    for row in range(len(prompts)):
-        reply = []
-        for token in sequences[row, width:].tolist():
-            reply.append(token)
-            if token in eos:
-                break
-        margins = []
-        for scores in captured["scores"]:
-            top2 = torch.topk(scores[row].float(), 2).values
-            margins.append(float(top2[0] - top2[1]))
-        rows.append((reply, captured["codes"][row], margins))
-    return rows
-
-
 def runtime_speech(bundle, checkpoint, prompts, on_codes=None):
-    """The runtime's thinker on ``prompts`` (a batch, as transformers), then the talker per row."""
+    """The runtime's thinker on ``prompts`` (a batch), then the talker per row."""
     manifest = load_manifest(bundle)
     pool = SessionPool(manifest, ["CPUExecutionProvider"])
     thinker = ThinkerGenerator(manifest, pool).generate(prompts, THINKER_NEW, SamplingConfig(), keep_states=True)
@@ -114,16 +52,6 @@ def runtime_speech(bundle, checkpoint, prompts, on_codes=None):
                              max_new_tokens=TALKER_NEW, on_codes=on_codes if row == 0 else None)
              for row, states in enumerate(thinker.states)]
     return thinker, codes, pool
-
-
-def assert_same_codes(ours, ref, margins, label):
-    for step, (a, b) in enumerate(zip(ours, ref)):
-        if a != b:
-            assert margins[step] < MARGIN, (
-                f"{label}: code {step} differs ({a} vs {b}) with reference top-2 margin {margins[step]:.2e}")
-            print(f"{label}: code {step} excused: reference top-2 margin {margins[step]:.2e} < {MARGIN}")
-            return
-    assert ours == ref, f"{label}: codes differ ({len(ours)} vs {len(ref)} codes)"
 
 
 @pytest.fixture(scope="module")
@@ -136,49 +64,18 @@ def generation(tiny_bundle):
     return load_manifest(tiny_bundle).generation
 
 
-@pytest.fixture(scope="module")
-def reference_run(reference_model, generation):
-    return reference_speech(reference_model, [PROMPT, SHORT], generation["eos_token_ids"],
-                            generation["pad_token_id"])
-
-
-def test_greedy_codes_match_transformers(tiny, reference_run):
+def test_streamed_codes_batch_rows_and_release(tiny):
+    """on_codes sees exactly the returned codes; each row of a batched thinker run gets the codes it
+    gets alone (its states do not depend on the batch); the talker's sessions are released after."""
     checkpoint, bundle = tiny
     streamed = []
     thinker, codes, pool = runtime_speech(bundle, checkpoint, [PROMPT, SHORT], on_codes=streamed.extend)
-    for row, (ref_reply, ref_codes, margins) in enumerate(reference_run):
-        assert thinker.token_ids[row] == ref_reply
-        assert len(ref_codes) == TALKER_NEW  # random weights: no eos within the limit (the eos case is below)
-        assert_same_codes(codes[row], ref_codes, margins, f"tiny seed 0, row {row}")
-    assert streamed == codes[0]
-    assert not {"talker_decoder", "talker_embedding"} & set(pool.loaded)  # released after speech
-
-
-def test_greedy_codes_stop_on_eos_like_transformers(tiny, tmp_path, reference_run, generation):
-    """A checkpoint whose codec head gives the codec eos the logits of a code the talker picks
-    early, so generation stops there: the stop id is not a code, the codes before it match."""
-    from safetensors.numpy import load_file, save_file
-
-    from omni_export.build.pipeline import build_bundle
-
-    checkpoint, _ = tiny
-    ref_codes = reference_run[0][1]
-    model_dir = tmp_path / "model"
-    shutil.copytree(checkpoint, model_dir)
-    tensors = load_file(model_dir / "model.safetensors")
-    head = tensors["talker.codec_head.weight"]
-    chosen, eos = ref_codes[5], 8294
-    head[[chosen, eos]] = head[[eos, chosen]]
-    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
-    bundle = build_bundle(model_dir, "fp32", tmp_path / "bundle")
-
-    ref = reference_speech(load_reference(model_dir), [PROMPT, SHORT], generation["eos_token_ids"],
-                           generation["pad_token_id"])
-    thinker, codes, _ = runtime_speech(bundle, model_dir, [PROMPT, SHORT])
-    assert len(ref[0][1]) < TALKER_NEW and eos not in ref[0][1]  # the reference row stopped on its eos
-    for row, (ref_reply, ref_codes, margins) in enumerate(ref):
-        assert thinker.token_ids[row] == ref_reply
-        assert_same_codes(codes[row], ref_codes, margins, f"eos checkpoint, row {row}")
+    assert streamed == codes[0] and len(codes[0]) == TALKER_NEW  # random weights: no eos within the limit
+    assert not {"talker_decoder", "talker_embedding"} & set(pool.loaded)
+    for row, prompt in enumerate([PROMPT, SHORT]):
+        alone_thinker, alone, _ = runtime_speech(bundle, checkpoint, [prompt])
+        assert alone_thinker.token_ids[0] == thinker.token_ids[row]
+        assert alone[0] == codes[row], f"row {row}"
 
 
 def test_thinker_states_match_transformers_hidden_states(tiny_bundle, reference_model, generation):

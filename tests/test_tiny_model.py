@@ -252,6 +252,63 @@ def test_other_seed_other_weights(weights, tmp_path):
         assert not torch.equal(other[name], weights[name]), name
 
 
+def test_special_rows_are_random_at_the_states_scale(weights, tmp_path):
+    """The talker's special prefill rows (codec pad / bos / eos / mask, the speakers' bos) are drawn at
+    the thinker states' scale (RMS 1), each its own draw, another for another seed; its text pad /
+    bos / eos rows are random at the initializer's 0.02, like the codec codes they are summed with."""
+    config = build_config("tiny")
+    rows = tiny_model.special_rows(config)
+    assert rows == {"talker.model.embed_tokens.weight": [8292, 8293, 8294, 8296],
+                    "thinker.model.embed_tokens.weight": [151870, 151872]}
+    other = load_file(write_tiny_checkpoint(tmp_path / "seed1", preset="tiny", seed=1) / "model.safetensors")
+    for name, ids in rows.items():
+        drawn = weights[name][ids]
+        rms = drawn.pow(2).mean(dim=1).sqrt()
+        assert torch.all((rms > 0.6) & (rms < 1.4)), (name, rms)  # std 1 over 64 values
+        assert abs(float(drawn.mean())) < 0.2
+        assert len({tuple(r.tolist()) for r in drawn}) == len(ids)
+        assert not torch.equal(other[name][ids], drawn), name
+    text = weights["thinker.model.embed_tokens.weight"][tiny_model.talker_text_rows(config)]
+    rms = text.pow(2).mean(dim=1).sqrt()
+    assert torch.all((rms > 0.01) & (rms < 0.03)), rms  # the initializer's std 0.02
+
+
+def test_other_weights_are_the_seeds_initialization(weights):
+    """Drawing the special rows (a generator of their own) leaves every other weight as transformers'
+    initialization draws it for the seed, but for the codec head rows ``_speak_the_codebook`` zeroes."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    config = build_config("tiny")
+    torch.manual_seed(0)
+    with tiny_model._quiet_transformers():
+        model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=torch.float32)
+    special = tiny_model.special_rows(config)
+    for name, tensor in model.state_dict().items():
+        legacy = tiny_model._legacy_name(name)
+        written = weights[legacy]
+        if legacy in special:
+            keep = torch.ones(tensor.shape[0], dtype=torch.bool)
+            keep[special[legacy]] = False
+            assert torch.equal(written[keep], tensor[keep]), legacy
+        elif legacy == "talker.codec_head.weight":
+            live = written.abs().sum(dim=1) > 0
+            assert torch.equal(written[live], tensor[live])
+        else:
+            assert torch.equal(written, tensor), legacy
+
+
+def test_only_off_codebook_codec_head_rows_are_zero(weights):
+    """No row of any weight matrix is zero (no ``padding_idx`` row, nothing fixed), except the codec
+    head rows past token2wav's codebook 0..8193 other than the talker's stop codes 8292 and 8294."""
+    zero = {}
+    for name, tensor in weights.items():
+        if tensor.dim() == 2:
+            rows = (tensor == 0).all(dim=1).nonzero().flatten().tolist()
+            if rows:
+                zero[name] = rows
+    assert zero == {"talker.codec_head.weight": [r for r in range(8194, 8448) if r not in (8292, 8294)]}
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 

@@ -15,6 +15,13 @@ transformers' own classes:
   Qwen2-VL image processor), the tokenizer files of :mod:`omni_export.testkit.tokenizer_kit` and
   ``spk_dict.pt`` (speakers ``Chelsie`` and ``Ethan``).
 
+Weights are transformers' initialization for the seed, with two exceptions: the talker's codec head
+rows past token2wav's codebook are zeroed (``_speak_the_codebook``: a random talker would emit codes
+token2wav cannot voice) and the special embedding rows of the talker's prefill (codec pad / bos / eos /
+mask, the speakers' bos) are drawn at the thinker states' scale (:func:`special_rows`).
+No embedding row is zeroed: the configs set no ``pad_token_id``, so no ``padding_idx`` row is zeroed
+at initialization.
+
 Presets:
 
 ``tiny``
@@ -56,9 +63,12 @@ __all__ = [
     "CHECKPOINT_FILES",
     "PRESETS",
     "SPEAKERS",
+    "SPECIAL_ROW_STD",
     "awq_quantization_config",
     "build_config",
     "legacy_config_dict",
+    "special_rows",
+    "talker_text_rows",
     "write_tiny_checkpoint",
 ]
 
@@ -580,6 +590,57 @@ def _speak_the_codebook(model, config) -> None:
                 head[row].zero_()
 
 
+#: Standard deviation of the special rows :func:`_draw_special_rows` draws: the scale of the thinker
+#: states they are added to (post-norm hidden states, RMSNorm weight 1: RMS 1).
+SPECIAL_ROW_STD = 1.0
+
+
+def special_rows(config) -> dict[str, list[int]]:
+    """The embedding rows redrawn at :data:`SPECIAL_ROW_STD`, per weight: the codec pad / bos / eos /
+    mask rows of the talker's codec embedding and the speakers' bos rows of the thinker's embedding.
+
+    The talker's prefill ends with ``speaker bos + codec pad`` and ``state(r0) + codec bos``: at the
+    initializer's 0.02 the codec rows were 2% of the thinker state beside them, so a talker that
+    skipped them (transformers 5's generate on an unpadded prompt) kept the codes of one that adds
+    them for 33 codes of the tiny model; at the states' scale its first code differs. The codec eos
+    and mask rows are never embedded by a correct talker; at this scale a talker that did would show.
+    The talker's text pad / eos rows (:func:`talker_text_rows`) keep the initializer's scale: after the
+    reply every step feeds ``codec(code) + text pad``, with codes at that scale too, and a unit-scale
+    pad drowned the talker's own codes (greedy codes then loop over 15 values in 120)."""
+    talker = config.talker_config
+    return {
+        "talker.model.embed_tokens.weight": [
+            int(talker.tts_codec_pad_token_id), int(talker.tts_codec_start_token_id),
+            int(talker.tts_codec_end_token_id), int(talker.tts_codec_mask_token_id)],
+        "thinker.model.embed_tokens.weight": sorted(SPEAKERS.values()),
+    }
+
+
+def talker_text_rows(config) -> list[int]:
+    """The thinker-vocabulary rows only the talker embeds besides the speakers' (text pad, bos, eos):
+    random at the initializer's scale, like the codec codes they are summed with."""
+    talker = config.talker_config
+    return [int(talker.tts_text_pad_token_id), int(talker.tts_text_start_token_id), int(talker.tts_text_end_token_id)]
+
+
+def _draw_special_rows(model, config, seed: int) -> None:
+    """Redraw :func:`special_rows` at random with :data:`SPECIAL_ROW_STD`; a generator of their own
+    leaves every other weight as the seed draws it."""
+    import torch
+
+    talker = getattr(model, "talker", None)
+    if talker is None:
+        return
+    gen = torch.Generator().manual_seed(seed + 2)  # + 1 draws the speakers (_speaker_dict)
+    weights = {"talker.model.embed_tokens.weight": talker.get_input_embeddings().weight,
+               "thinker.model.embed_tokens.weight": model.thinker.get_input_embeddings().weight}
+    with torch.no_grad():
+        for name, rows in special_rows(config).items():
+            weight = weights[name]
+            for row in rows:
+                weight[row] = torch.randn(weight.shape[1], generator=gen) * SPECIAL_ROW_STD
+
+
 def _write_into(
     tmp: Path, preset: str, seed: int, layers: int | None, dtype_name: str, progress: bool, awq: bool = False
 ) -> None:
@@ -596,6 +657,7 @@ def _write_into(
         model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=target)
     model.eval()
     _speak_the_codebook(model, config)
+    _draw_special_rows(model, config, seed)
     n_params = sum(p.numel() for p in model.parameters())
     _say(progress, f"initialized {n_params / 1e6:.1f} M parameters in {time.monotonic() - t0:.1f} s")
 
