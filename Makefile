@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# CI disks can be small: pip's wheel cache would hold a second copy of torch's multi-GB files.
+export PIP_NO_CACHE_DIR := 1
 DEMO := demo
 REF_ENV := build/ref-transformers-4.57.3
 
