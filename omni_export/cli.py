@@ -139,6 +139,10 @@ def build(
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration conversations for AWQ: a JSONL file, "
                                                                "one Qwen-style messages list per line "
                                                                "(default: the built-in set)."),
+    target: str = typer.Option("cpu", "--target", help="Device the bundle is for: cpu (float32 float parts) or "
+                                                       "cuda (the recipe's targets.cuda settings: float16 / int8 "
+                                                       "float parts in the built-in recipes); recorded in the "
+                                                       "manifest."),
 ) -> None:
     """Export the model's graphs into a bundle with a manifest.
 
@@ -151,7 +155,7 @@ def build(
 
     try:
         check_output(out, force=force, flag="--out")
-        parsed = load_recipe(recipe)
+        parsed = load_recipe(recipe, target=target)
         if calib is not None:
             parsed = parsed.with_calibration_file(calib)
         if emit is not None:
@@ -304,6 +308,87 @@ def _verify_and_show(bundle: Path, model: Path, as_json: bool = False, prompts: 
             table.add_column(key.replace("_", " "))
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in summary.values()))
         out.print(table)
+
+
+@app.command("bench")
+def bench_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The checkpoint the bundle was built from: also run "
+                                                              "the request through transformers (PyTorch eager, "
+                                                              "float32, CPU) in its own process, and the ratios."),
+    audio: Optional[list[Path]] = typer.Option(None, "--audio", help="Audio file in the prompt; repeatable."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", help="Image file in the prompt; repeatable."),
+    video: Optional[list[Path]] = typer.Option(None, "--video", help="Video file in the prompt; repeatable."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (default: a fixed question)."),
+    wav: bool = typer.Option(False, "--wav", help="Also speak the answer (talker + streamed token2wav)."),
+    memory: str = typer.Option("lazy", "--memory", help="Session policy: lazy, resident or a byte budget (6GB)."),
+    repeats: int = typer.Option(3, "--repeats", help="Requests measured, each in a fresh process."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Thinker tokens generated (exactly, eos ignored)."),
+    max_speech_seconds: float = typer.Option(4.0, "--max-speech-seconds",
+                                             help="Stop the talker after this many seconds of codes."),
+    speaker: Optional[str] = typer.Option(None, "--speaker", help="Voice for --wav (default: the bundle's)."),
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads of both sides (0: the library default)."),
+    device: str = typer.Option("cpu", "--device", help="Runtime device: cpu, cuda or auto."),
+    timeout: float = typer.Option(1800.0, "--timeout", help="Seconds allowed per measured process."),
+) -> None:
+    """Measure whole requests per stage (session load, prefill and decode tok/s, time to first token, first
+    audio, token2wav real-time factor, peak RSS), and against PyTorch with --model."""
+    from omni_export.bench.driver import BenchOptions, run as run_bench
+    from omni_export.bench.report import print_tables
+
+    options = BenchOptions(bundle=bundle, model=model, audio=list(audio or []), image=list(image or []),
+                           video=list(video or []), prompt=prompt, speech=wav, memory=memory, repeats=repeats,
+                           json_out=json_out, max_new_tokens=max_new_tokens, max_speech_seconds=max_speech_seconds,
+                           speaker=speaker, threads=threads, device=device, timeout=timeout)
+    try:
+        result = run_bench(options, log=say)
+    except OmniError as exc:
+        fail(exc)
+    print_tables(result, Console(markup=False, highlight=False, width=max(Console().width, 140)))
+    if json_out is not None:
+        say(f"wrote {json_out}")
+
+
+@app.command("plan")
+def plan_command(
+    model: Path = typer.Option(..., "--model", help="Model directory: its config.json is enough (e.g. the published "
+                                                    "Qwen2.5-Omni-7B or -3B config)."),
+    recipe: str = typer.Option(..., "--recipe", help="Built-in recipe name, a recipe YAML path, or a bundle "
+                                                     "directory (its own recipe and target)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Build target: cpu (default) or cuda."),
+    video_seconds: float = typer.Option(0.0, "--video-seconds", help="A video of this many seconds with its audio "
+                                                                     "track (qwen-omni-utils defaults: 2 fps, its "
+                                                                     "pixel limits)."),
+    video_size: Optional[str] = typer.Option(None, "--video-size", help="The video's WIDTHxHEIGHT before resizing "
+                                                                        "(default 1280x720)."),
+    audio_seconds: float = typer.Option(0.0, "--audio-seconds", help="An audio clip of this many seconds."),
+    image: Optional[list[str]] = typer.Option(None, "--image", help="An image of WIDTHxHEIGHT; repeatable."),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="Memory to fit in (8GB, 7.5GiB); "
+                                                                              "default: this machine's RAM (cpu), "
+                                                                              "the GPU's (cuda, NVML) or 8GB."),
+    memory: str = typer.Option("lazy", "--memory", help="Session policy: lazy, resident or a byte budget (6GB)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer tokens (default: the "
+                                                                                "runtime's, 512)."),
+    max_speech_seconds: Optional[float] = typer.Option(None, "--max-speech-seconds",
+                                                       help="Bound the talker (default: its 4096 codes, 82 s)."),
+    speech: bool = typer.Option(True, "--speech/--no-speech", help="Speech out (talker + streamed token2wav)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Plan the peak memory of one request per stage (weights, KV cache, activations, arena, the runtime's
+    base) from the config alone, and say whether it fits."""
+    from omni_export.plan import make_plan
+    from omni_export.plan.report import print_plan
+
+    try:
+        result = make_plan(model, recipe, target, video_seconds, video_size, audio_seconds, image, device_memory,
+                           memory, max_new_tokens, max_speech_seconds, speech)
+    except OmniError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    print_plan(result, Console(markup=False, highlight=False, width=max(Console().width, 140)))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -6,6 +6,7 @@ the checkpoint directory (independently of omni-export's loader).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Remembered sha256 checks (omni_runtime.bundle.hash_cache) go to a cache of this test run, not
 # the user's: subprocesses inherit it.
 os.environ["OMNI_RUNTIME_CACHE_DIR"] = tempfile.mkdtemp(prefix="omni-runtime-cache-")
+# it also holds the optimized copies of the graphs loaded (omni_runtime.bundle.ort_cache): removed at exit
+atexit.register(shutil.rmtree, os.environ["OMNI_RUNTIME_CACHE_DIR"], ignore_errors=True)
 
 
 def build_tiny(tmp_path_factory, seed: int) -> tuple[Path, Path]:

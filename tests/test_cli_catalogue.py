@@ -317,6 +317,11 @@ CASES = [
     Case("run-cuda-unavailable", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--device", "cuda"],
                                             ["CUDAExecutionProvider", "pip install omni-runtime[gpu]", "--device cpu"]),
          skip="CUDA is available here" if cuda_available() else None),
+    Case("run-bad-memory", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--memory", "6XB"],
+                                      ["--memory 6XB is not lazy, resident or a byte size", "6.5GiB"])),
+    Case("run-memory-below-thinker", lambda c: ("omni-export", ["run", c.bundle, "--prompt", "hi", "--memory", "1MB"],
+                                                ["--memory 1MB (1.00 MB) is smaller than the thinker stage",
+                                                 "thinker_decoder", "--memory lazy"])),
     # ------------------------------------------------------------------ inspect
     Case("inspect-bracketed-missing", lambda c: ("omni-export", ["inspect", c.tmp / "x[/y]z"], ["x[/y]z"])),
     Case("inspect-no-manifest", lambda c: ("omni-export", ["inspect", _dir_with(c, "half", {"a.onnx": "x"})],

@@ -381,3 +381,38 @@ def test_unknown_graph(tmp_path):
     manifest = load_manifest(make_bundle(tmp_path / "bundle"))
     with pytest.raises(BundleError, match="no graph 'talker'.*thinker_decoder"):
         manifest.graph("talker")
+
+
+def test_target_and_session_config_default_for_old_bundles(tmp_path):
+    manifest = load_manifest(make_bundle(tmp_path / "bundle"))
+    assert manifest.target == "cpu"
+    assert manifest.graph("thinker_decoder").session_config == {}
+
+
+def test_target_and_session_config_are_read(tmp_path):
+    def edit(body):
+        body["target"] = "cuda"
+        body["graphs"]["thinker_decoder"]["session_config"] = {"session.qdq_matmulnbits_accuracy_level": "4"}
+        body["graphs"]["thinker_decoder"]["quantization"] = {"weights": "int8", "method": "rtn",
+                                                              "granularity": "channel", "symmetric": True}
+
+    manifest = load_manifest(make_bundle(tmp_path / "bundle", edit))
+    assert manifest.target == "cuda"
+    spec = manifest.graph("thinker_decoder")
+    assert spec.session_config == {"session.qdq_matmulnbits_accuracy_level": "4"}
+    assert spec.quantization["granularity"] == "channel"
+
+
+@pytest.mark.parametrize("location,value,needle", [
+    ("target", "tpu", "target"),
+    ("session_config", {"key": 4}, "session_config"),
+    ("quantization", {"weights": "int4", "method": "rtn", "symmetric": False}, "group_size"),
+])
+def test_bad_precision_fields(tmp_path, location, value, needle):
+    def edit(body):
+        if location == "target":
+            body["target"] = value
+        else:
+            body["graphs"]["thinker_decoder"][location] = value
+
+    rejected(make_bundle(tmp_path / "bundle", edit), needle)

@@ -69,8 +69,9 @@ def test_to_json_for_the_manifest():
     assert json.loads(json.dumps(data)) == data
     assert data["schema_version"] == 2 and data["name"] == "awq"
     assert data["modules"]["thinker"] == {
-        "weights": "int4", "method": "awq", "group_size": 128, "symmetric": False, "accuracy_level": 4,
-        "keep_float": [], "lm_head": "int4", "embeddings": "int8", "emit": "qdq"}
+        "weights": "int4", "dtype": "float32", "keep_fp32": [], "method": "awq", "group_size": 128,
+        "symmetric": False, "accuracy_level": 4, "keep_float": [], "lm_head": "int4", "embeddings": "int8",
+        "emit": "qdq"}
     assert data["calibration"] == {"source": "builtin", "samples": 4, "sequence_length": 128}
     assert load_recipe("fp32").to_json()["calibration"] is None
     assert recipe_summary(data).startswith("thinker int4 awq g128 asym, lm_head int4, embeddings int8")
@@ -287,3 +288,60 @@ def test_recipes_import_is_light():
             "heavy = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- precisions, dtype, keep_fp32, build targets ------------------------------------------------
+
+
+def test_every_float_module_takes_float16_and_int8():
+    data = {"schema_version": 2, "name": "p", "modules": {
+        "thinker": {"weights": "float16"}, "audio": {"weights": "int8"}, "vision": {"weights": "float16"},
+        "talker": {"weights": "int4"}, "token2wav": {"weights": "int8", "dtype": "float16"}}}
+    r = parse_recipe(data, SOURCE)
+    assert (r.module("thinker").weights, r.module("thinker").dtype) == ("float16", "float16")
+    assert (r.module("audio").dtype, r.module("audio").method) == ("float32", "rtn")
+    assert (r.module("talker").weights, r.module("talker").group_size) == ("int4", 128)
+    assert r.module("token2wav").float_dtype == "float16"
+
+
+def test_int4_thinker_with_float16_activations():
+    t = parse_recipe(recipe(weights="int4", dtype="float16"), SOURCE).module("thinker")
+    assert t.quantized and t.dtype == "float16"
+
+
+@pytest.mark.parametrize("modules,needles", [
+    ({"audio": {"weights": "int4"}}, ["modules.audio.weights", "float32 | float16 | int8"]),
+    ({"thinker": {"weights": "int8"}}, ["w8a8"]),
+    ({"thinker": {"weights": "float16", "dtype": "float32"}}, ["dtype float32 differs from weights float16"]),
+    ({"audio": {"keep_fp32": ["norm"]}}, ["keep_fp32 is set but dtype is float32"]),
+    ({"audio": {"weights": "float16", "keep_fp32": ["snake"]}}, ["'snake'", "norm, softmax, residual"]),
+    ({"talker": {"weights": "int4", "method": "awq"}}, ["method: awq is not built for the talker"]),
+    ({"vision": {"method": "rtn"}}, ["unknown key 'method'"]),
+])
+def test_precision_errors(modules, needles):
+    rejected({"schema_version": 2, "name": "p", "modules": {"thinker": {}, **modules}}, *needles)
+
+
+@pytest.mark.parametrize("name", ["fp32", "awq", "int4-rtn"])
+def test_builtin_recipes_for_cuda(name):
+    cpu, cuda = load_recipe(name), load_recipe(name, target="cuda")
+    assert cpu.target == "cpu" and cuda.target == "cuda"
+    assert {m.dtype for m in cpu.modules.values()} == {"float32"}  # cpu: as before
+    assert all(m.weights in ("float32", "int4") for m in cpu.modules.values())
+    for module in ("audio", "vision", "talker"):
+        assert cuda.module(module).weights == "float16"
+    assert cuda.module("thinker").dtype == "float16"
+    assert cuda.module("token2wav").weights == ("float16" if name == "fp32" else "int8")
+    assert cuda.module("thinker").weights == ("float16" if name == "fp32" else "int4")
+
+
+def test_targets_section_is_checked_for_every_target():
+    data = {"schema_version": 2, "name": "p", "modules": {"thinker": {}},
+            "targets": {"cuda": {"modules": {"thinker": {"weights": "float8"}}}}}
+    rejected(data, "modules.thinker.weights")  # checked although the cpu target does not use it
+    data["targets"] = {"tpu": {"modules": {}}}
+    rejected(data, "unknown build target 'tpu'")
+    data["targets"] = {"cuda": {"modules": {"audio": {"weights": "float16"}}}}
+    rejected(data, "which the recipe's modules do not export")
+    with pytest.raises(RecipeError, match="--target"):
+        load_recipe("fp32", target="tpu")

@@ -83,6 +83,16 @@ def test_versions_and_help():
     ours, theirs = runtime_cli("run", "-h").stdout, run_cli("run", "-h").stdout
     assert " ".join(ours.replace("omni-runtime run", "omni-export run").split()) == " ".join(theirs.split())
     assert "--seed S" in ours and "implies --sample" in ours and "conflict with --greedy" in ours
+    assert "--memory POLICY" in ours and "least recently used" in ours
+
+
+def test_memory_errors_speak_in_flags():
+    from omni_runtime.bundle.memory import MemoryPolicy
+
+    with pytest.raises(InputError) as info:
+        MemoryPolicy.parse("six gigs")
+    assert str(info.value).startswith("memory='six gigs' is not lazy")  # the API's own words
+    assert cli_message(info.value).startswith("--memory six gigs is not lazy, resident or a byte size")
 
 
 def test_greedy_run_matches_transformers_and_imports_no_heavy_package(greedy_run, reference_ids):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 
 import numpy as np
 import onnx
@@ -264,3 +265,271 @@ def test_accuracy_level_from_manifest_reaches_session_options():
         "session.qdq_matmulnbits_accuracy_level": "0"}
     assert graph_session_config(spec(None)) == {}
     assert graph_session_config(spec({"accuracy_level": "4"})) == {}  # not an int: ignored, not trusted
+
+
+# ---------------------------------------------------------------------------------------------
+# graphs built for another target: float16 on the CPU provider
+
+
+def add_graph(bundle, name, model, io, target=None):
+    """Save ``model`` into ``bundle`` as graph ``name`` (weights in external data) and list it."""
+    onnx.save_model(model, bundle / f"{name}.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{name}.onnx.data", size_threshold=0)
+    body = json.loads((bundle / MANIFEST_NAME).read_text())
+    for rel in (f"{name}.onnx", f"{name}.onnx.data"):
+        if (bundle / rel).exists():
+            data = (bundle / rel).read_bytes()
+            body["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    external = [f"{name}.onnx.data"] if (bundle / f"{name}.onnx.data").exists() else []
+    body["graphs"][name] = {"file": f"{name}.onnx", "external_data": external, "opset": 21,
+                            "dtype": io.get("dtype", "float16"), "quantization": None,
+                            "inputs": io["inputs"], "outputs": io["outputs"]}
+    if target is not None:
+        body["target"] = target
+    (bundle / MANIFEST_NAME).write_text(json.dumps(body))
+    return load_manifest(bundle)
+
+
+def half_graph(op, inputs, domain="", attrs=None, weights=()):
+    """One ``op`` node on float16 ``inputs`` (name -> shape) plus float16 ``weights`` -> ``y``."""
+    F16 = onnx.TensorProto.FLOAT16
+    node = helper.make_node(op, [*inputs, *(w for w, _ in weights)], ["y"], domain=domain, **(attrs or {}))
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(n, F16, s) for n, s in inputs.items()],
+                              [helper.make_tensor_value_info("y", F16, None)],
+                              [onnx.numpy_helper.from_array(v.astype(np.float16), w) for w, v in weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    io = {"inputs": [{"name": n, "dtype": "float16", "shape": list(s)} for n, s in inputs.items()],
+          "outputs": [{"name": "y", "dtype": "float16", "shape": ["batch", 8]}]}
+    return model, io
+
+
+def test_fp16_graph_runs_where_cpu_kernels_exist(tmp_path):
+    # LayerNormalization has a float16 CPU kernel: no Cast, no error
+    model, io = half_graph("LayerNormalization", {"x": ["batch", 8]}, attrs={"axis": -1},
+                           weights=[("scale", np.full(8, 2.0)), ("bias", np.zeros(8))])
+    manifest = add_graph(make_bundle(tmp_path / "bundle"), "norm", model, io, target="cuda")
+    pool = SessionPool(manifest, [CPU])
+    x = np.arange(16, dtype=np.float16).reshape(2, 8)
+    (y,) = pool.get("norm").run(None, {"x": x})
+    xf = x.astype(np.float32)
+    expected = 2 * (xf - xf.mean(-1, keepdims=True)) / np.sqrt(xf.var(-1, keepdims=True) + 1e-5)
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float32), expected, atol=2e-2)  # float16 output rounding
+    pool.release("norm")
+    assert pool.get("norm") is not None and pool.load_log[-1]["cached"] is True  # and from its copy
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_fp16_graph_run_through_casts_is_refused(tmp_path, monkeypatch, cache):
+    # onnxruntime's CPU provider has no float16 Sin: it would insert Casts and run it in float32
+    monkeypatch.setenv("OMNI_RUNTIME_OPTIMIZED_COPIES", cache)
+    monkeypatch.setenv("OMNI_RUNTIME_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    model, io = half_graph("Sin", {"x": ["batch", 8]})
+    manifest = add_graph(make_bundle(tmp_path / "bundle"), "waves", model, io)
+    with pytest.raises(BundleError) as info:
+        SessionPool(manifest, [CPU]).get("waves")
+    message = str(info.value)
+    assert "graph 'waves' is float16" in message and "float32 through inserted Casts" in message
+    assert "omni-export build --target cpu" in info.value.fix and "--device cuda" in info.value.fix
+    assert message.startswith(str(manifest.root / "waves.onnx"))
+    copies = tmp_path / "cache" / "optimized"
+    assert not list(copies.iterdir() if copies.exists() else []) and not list((tmp_path / "tmp").iterdir())
+    # a parity test may allow the fallback explicitly
+    session = SessionPool(manifest, [CPU], SessionSettings(allow_cpu_casts=True)).get("waves")
+    x = np.linspace(0, 3, 16, dtype=np.float16).reshape(2, 8)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0].astype(np.float32), np.sin(x.astype(np.float32)),
+                               atol=1e-3)
+    # the copy written under allow_cpu_casts is refused as well without it
+    with pytest.raises(BundleError, match="inserted Casts"):
+        SessionPool(manifest, [CPU]).get("waves")
+
+
+def test_fp16_graph_without_cpu_kernel(tmp_path):
+    # com.microsoft.BiasAdd(X, bias, skip) has CUDA kernels only: onnxruntime says NOT_IMPLEMENTED
+    F16 = onnx.TensorProto.FLOAT16
+    node = helper.make_node("BiasAdd", ["x", "bias", "skip"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "fused", [helper.make_tensor_value_info(n, F16, [1, 2, 8]) for n in ("x", "skip")],
+                              [helper.make_tensor_value_info("y", F16, [1, 2, 8])],
+                              [onnx.numpy_helper.from_array(np.ones(8, np.float16), "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    io = {"inputs": [{"name": n, "dtype": "float16", "shape": [1, 2, 8]} for n in ("x", "skip")],
+          "outputs": [{"name": "y", "dtype": "float16", "shape": [1, 2, 8]}]}
+    manifest = add_graph(make_bundle(tmp_path / "bundle"), "fused", model, io, target="cuda")
+    with pytest.raises(BundleError) as info:
+        SessionPool(manifest, [CPU]).get("fused")
+    message = str(info.value)
+    assert "graph 'fused' has nodes onnxruntime" in message and "CPU provider has no kernel" in message
+    assert "BiasAdd" in message and "--target cpu" in info.value.fix
+    assert message.startswith(str(manifest.root / "fused.onnx"))
+
+
+def test_graph_session_config_reaches_onnxruntime(tmp_path):
+    import dataclasses
+
+    manifest = load_manifest(make_bundle(tmp_path / "bundle"))
+    manifest.graphs["tiny"] = dataclasses.replace(manifest.graphs["tiny"],
+                                                  session_config={"session.intra_op.allow_spinning": "0"})
+    for load in range(2):  # from the bundle, then from the optimized copy
+        pool = SessionPool(manifest, [CPU])
+        options = pool.get("tiny").get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert pool.load_log[-1]["cached"] is bool(load)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimized copies (omni_runtime.bundle.ort_cache)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("OMNI_RUNTIME_CACHE_DIR", str(root))
+    monkeypatch.delenv("OMNI_RUNTIME_OPTIMIZED_COPIES", raising=False)
+    return root / "optimized"
+
+
+def matmul_bundle(root):
+    """The tiny bundle plus ``mm``: y = x @ W with W [64, 64] (16 KB: external in the copy too)."""
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 64])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    io = {"dtype": "float32", "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 64]}],
+          "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 64]}]}
+    return add_graph(make_bundle(root), "mm", model, io), w
+
+
+def copies_of(cache):
+    return sorted(p for p in cache.iterdir() if not p.name.startswith(".")) if cache.exists() else []
+
+
+def test_optimized_copy_written_then_read(tmp_path, cache):
+    manifest, w = matmul_bundle(tmp_path / "bundle")
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    first = SessionPool(manifest, [CPU])
+    y0 = first.get("mm").run(None, {"x": x})[0]
+    (copy,) = copies_of(cache)
+    assert sorted(p.name for p in copy.iterdir()) == ["meta.json", "model.onnx", "model.onnx.data"]
+    meta = json.loads((copy / "meta.json").read_text())
+    assert meta["key"] == copy.name and set(meta["files"]) == {"model.onnx", "model.onnx.data"}
+    assert meta["source"].startswith(str((tmp_path / "bundle" / "mm.onnx").resolve()))
+    second = SessionPool(manifest, [CPU])
+    y1 = second.get("mm").run(None, {"x": x})[0]
+    assert [first.load_log[-1]["cached"], second.load_log[-1]["cached"]] == [False, True]
+    np.testing.assert_array_equal(y0, y1)
+    np.testing.assert_allclose(y1, x @ w, rtol=1e-5, atol=1e-5)
+    opened = second.get("mm").get_session_options()
+    assert opened.graph_optimization_level == onnxruntime_level("ORT_DISABLE_ALL")  # already optimized
+
+
+def onnxruntime_level(name):
+    import onnxruntime
+
+    return getattr(onnxruntime.GraphOptimizationLevel, name)
+
+
+@pytest.mark.parametrize("damage", ["flip model", "flip data", "truncate data", "no meta", "bad meta", "extra file",
+                                    "other key"])
+def test_damaged_copy_is_rebuilt(tmp_path, cache, damage):
+    manifest, w = matmul_bundle(tmp_path / "bundle")
+    SessionPool(manifest, [CPU]).get("mm")
+    (copy,) = copies_of(cache)
+    target = copy / ("model.onnx" if damage == "flip model" else "model.onnx.data")
+    if damage.startswith("flip"):
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "truncate data":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "no meta":
+        (copy / "meta.json").unlink()
+    elif damage == "bad meta":
+        (copy / "meta.json").write_text("{not json")
+    elif damage == "extra file":
+        (copy / "stray.bin").write_bytes(b"x")
+    else:
+        meta = json.loads((copy / "meta.json").read_text())
+        (copy / "meta.json").write_text(json.dumps({**meta, "key": "0" * 40}))
+    pool = SessionPool(manifest, [CPU])
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(pool.get("mm").run(None, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-4)
+    assert pool.load_log[-1]["cached"] is False  # never trusted: rebuilt from the bundle
+    again = SessionPool(manifest, [CPU])
+    again.get("mm")
+    assert again.load_log[-1]["cached"] is True and len(copies_of(cache)) == 1
+
+
+def test_other_settings_other_copy_and_old_copies_dropped(tmp_path, cache):
+    manifest, _ = matmul_bundle(tmp_path / "bundle")
+    SessionPool(manifest, [CPU]).get("mm")
+    (first,) = copies_of(cache)
+    basic = SessionPool(manifest, [CPU], SessionSettings(optimization="basic"))
+    basic.get("mm")
+    assert basic.load_log[-1]["cached"] is False  # another optimization level: another key
+    assert len(copies_of(cache)) == 2  # each setting keeps its copy (no thrashing between them)
+    SessionPool(manifest, [CPU], SessionSettings(optimization="disable")).get("mm")  # nothing to save
+    assert len(copies_of(cache)) == 2
+    again = SessionPool(manifest, [CPU])
+    again.get("mm")
+    assert again.load_log[-1]["cached"] is True
+    # the graph file changes (a rebuilt bundle at the same path): its new copy replaces the old one
+    other, _ = matmul_bundle(tmp_path / "other")
+    mm = tmp_path / "bundle" / "mm.onnx.data"
+    mm.unlink()
+    (tmp_path / "other" / "mm.onnx.data").rename(mm)
+    body = json.loads((tmp_path / "bundle" / MANIFEST_NAME).read_text())
+    data = mm.read_bytes()
+    data = data[:-4] + bytes(4)  # another weight value
+    mm.write_bytes(data)
+    body["files"]["mm.onnx.data"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (tmp_path / "bundle" / MANIFEST_NAME).write_text(json.dumps(body))
+    rebuilt = SessionPool(load_manifest(tmp_path / "bundle"), [CPU])
+    rebuilt.get("mm")
+    assert rebuilt.load_log[-1]["cached"] is False
+    copies = copies_of(cache)
+    assert len(copies) == 2 and first not in copies  # the default-settings copy was replaced
+
+
+def test_changed_graph_gets_a_new_copy(tmp_path, cache):
+    manifest, _ = matmul_bundle(tmp_path / "bundle")
+    SessionPool(manifest, [CPU]).get("mm")
+    manifest2, w2 = matmul_bundle(tmp_path / "bundle2")  # same weights, other path: same key
+    pool = SessionPool(manifest2, [CPU])
+    pool.get("mm")
+    assert pool.load_log[-1]["cached"] is True  # keyed by content, not by path
+    from omni_runtime.bundle import ort_cache
+
+    base = {"files": ["a"], "onnxruntime": "1", "providers": [CPU], "optimization": "all", "session_config": {}}
+    keys = {ort_cache.copy_key(base), ort_cache.copy_key({**base, "files": ["b"]}),
+            ort_cache.copy_key({**base, "onnxruntime": "2"}), ort_cache.copy_key({**base, "providers": [CUDA, CPU]}),
+            ort_cache.copy_key({**base, "session_config": {"k": "v"}})}
+    assert len(keys) == 5
+
+
+@pytest.mark.parametrize("env, value", [("OMNI_RUNTIME_OPTIMIZED_COPIES", "off"), ("OMNI_RUNTIME_CACHE_DIR", "off")])
+def test_copies_turned_off(tmp_path, cache, monkeypatch, env, value):
+    monkeypatch.setenv(env, value)
+    manifest, w = matmul_bundle(tmp_path / "bundle")
+    for _ in range(2):
+        pool = SessionPool(manifest, [CPU])
+        x = np.ones((1, 64), np.float32)
+        np.testing.assert_allclose(pool.get("mm").run(None, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-4)
+        assert pool.load_log[-1]["cached"] is False
+    assert copies_of(cache) == []
+
+
+def test_unwritable_cache_still_loads(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("OMNI_RUNTIME_CACHE_DIR", str(blocker / "sub"))  # cannot be created
+    manifest, w = matmul_bundle(tmp_path / "bundle")
+    pool = SessionPool(manifest, [CPU])
+    x = np.ones((1, 64), np.float32)
+    np.testing.assert_allclose(pool.get("mm").run(None, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-4)

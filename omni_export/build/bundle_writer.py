@@ -338,7 +338,8 @@ class BundleWriter:
                 self.dir = None
                 remove_created(self._made)
 
-    def add_graph(self, name: str, graph: ExportedGraph, dtype: str, quantization: dict | None = None) -> None:
+    def add_graph(self, name: str, graph: ExportedGraph, dtype: str, quantization: dict | None = None,
+                  session_config: dict[str, str] | None = None) -> None:
         self.graphs[name] = {
             "file": graph.file,
             "external_data": list(graph.external_data),
@@ -348,6 +349,8 @@ class BundleWriter:
             "inputs": [t.to_json() for t in graph.inputs],
             "outputs": [t.to_json() for t in graph.outputs],
         }
+        if session_config:
+            self.graphs[name]["session_config"] = dict(session_config)
 
     def write_text(self, relpath: str, text: str) -> None:
         path = self.dir / validate_relpath(relpath)

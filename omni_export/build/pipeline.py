@@ -18,7 +18,7 @@ from omni_runtime.prompt.chat import DEFAULT_SYSTEM_PROMPT
 from omni_export.build.bundle_writer import BundleWriter
 from omni_export.checkpoint.reader import Checkpoint, CheckpointError
 from omni_export.checkpoint.info import chat_template, generation_defaults, special_tokens
-from omni_export.build.recipes import Recipe, load_recipe
+from omni_export.build.recipes import DEFAULT_TARGET, Recipe, load_recipe
 
 
 def available_memory() -> int | None:
@@ -44,11 +44,22 @@ def check_memory(ckpt: Checkpoint, modules: list) -> int:
     return need
 
 
-def prepare(model_dir: str | Path, recipe: str | Recipe, calib: str | Path | None = None):
-    """Validate the recipe, the checkpoint and every module's settings; no heavy work."""
+def session_config(quantization: dict | None) -> dict[str, str]:
+    """The onnxruntime session config entries a graph needs (manifest ``session_config``): the
+    MatMulNBits accuracy level of DequantizeLinear + MatMul pairs onnxruntime fuses (int4 / int8
+    weights written as ``qdq``); none for a float graph."""
+    if not quantization or quantization.get("emit", "qdq") != "qdq" or quantization.get("accuracy_level") is None:
+        return {}
+    return {"session.qdq_matmulnbits_accuracy_level": str(quantization["accuracy_level"])}
+
+
+def prepare(model_dir: str | Path, recipe: str | Recipe, calib: str | Path | None = None,
+            target: str = DEFAULT_TARGET):
+    """Validate the recipe (for the build ``target``), the checkpoint and every module's settings;
+    no heavy work. A ``Recipe`` object is used as resolved (its own ``target``)."""
     from omni_export.modules import REGISTRY
 
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, target=target)
     if calib is not None:
         recipe = recipe.with_calibration_file(calib)
     ckpt = Checkpoint.open(model_dir)
@@ -69,9 +80,15 @@ def prepare(model_dir: str | Path, recipe: str | Recipe, calib: str | Path | Non
 
 
 def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, force: bool = False,
-                 console=None, memory_check: bool = True, calib: str | Path | None = None) -> Path:
-    """Compile ``model_dir`` with ``recipe`` into the bundle directory ``out`` (atomically)."""
-    recipe, ckpt, modules, skipped = prepare(model_dir, recipe, calib)
+                 console=None, memory_check: bool = True, calib: str | Path | None = None,
+                 target: str = DEFAULT_TARGET, config_only: tuple[str, ...] = ()) -> Path:
+    """Compile ``model_dir`` with ``recipe`` for the build ``target`` (``cpu`` or ``cuda``: the
+    recipe's ``targets`` section) into the bundle directory ``out`` (atomically).
+
+    ``config_only``: modules whose manifest config block is written but not their graphs (for
+    benchmarks that measure other modules: benchmarks/precision_table.py leaves out the thinker,
+    whose config block every manifest needs); such a bundle does not chat."""
+    recipe, ckpt, modules, skipped = prepare(model_dir, recipe, calib, target)
     for name, reason in skipped.items():
         if console is not None:
             console.print(f"{name} skipped: {reason}", markup=False, highlight=False)
@@ -99,12 +116,15 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
                            say=(console.print if console is not None else (lambda message: None)))
         config, info = {}, {}
         for module in modules:
+            if module.name in config_only:
+                config[module.name] = module.config()
+                continue
             result = module.build(ctx)
             if tuple(result.graphs) != module.graphs:
                 raise RuntimeError(f"the {module.name} module wrote graphs {list(result.graphs)}, "
                                    f"not the {list(module.graphs)} it declares")
             for name, (graph, quantization) in result.graphs.items():
-                writer.add_graph(name, graph, "float32", quantization)
+                writer.add_graph(name, graph, graph.dtype, quantization, session_config(quantization))
             config[module.name] = module.config()
             info[module.name] = result.info
             gc.collect()
@@ -114,13 +134,14 @@ def build_bundle(model_dir: str | Path, recipe: str | Recipe, out: str | Path, f
         manifest = {
             "model": {"family": "qwen2_5_omni", "source": ckpt.root.resolve().name,
                       "architectures": ckpt.raw_config.get("architectures") or []},
+            "target": recipe.target,
             "recipe": recipe.to_json(),
             "tokenizer": {"file": "tokenizer.json", "chat_template_file": "chat_template.jinja",
                           "default_system_prompt": DEFAULT_SYSTEM_PROMPT},
             "special_tokens": {**tokens, "pad": generation["pad_token_id"]},
             "generation": generation,
             "config": config,
-            "modules": {"built": [m.name for m in modules], "skipped": skipped},
+            "modules": {"built": [m.name for m in modules if m.name not in config_only], "skipped": skipped},
             "build": {"seconds": round(time.perf_counter() - started, 2), "modules": info},
         }
         path = writer.commit(manifest)

@@ -9,7 +9,9 @@ path to a YAML file. ``recipes/README.md`` documents schema version 2::
     description: text            # optional
     modules:                     # required, non-empty: module name -> settings (omni_export.modules)
       thinker:
-        weights: int4            # float32 | float16 | int4 | int8 (int8: w8a8 recipe, not yet)
+        weights: int4            # float32 | float16 | int4 | int8 (each module lists its own)
+        dtype: float32           # activations: float32 | float16 (float weights: their own type)
+        keep_fp32: []            # parts of a float16 graph computed in float32 (per module)
         method: awq              # none | rtn | awq
         group_size: 128
         symmetric: false
@@ -22,6 +24,10 @@ path to a YAML file. ``recipes/README.md`` documents schema version 2::
       source: builtin
       samples: 4
       sequence_length: 128
+    targets:                     # optional: per build target, module settings that replace the above
+      cuda:                      #   (omni-export build --target cuda); cpu uses ``modules`` as written
+        modules:
+          audio: {weights: float16}
 
 The modules and what their sections accept come from the registry
 (``omni_export.modules.REGISTRY``): each module class declares its ``recipe_keys``, its
@@ -54,7 +60,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from omni_export.modules.base import Module
 
 SCHEMA_VERSION = 2
-TOP_KEYS = ("schema_version", "name", "description", "modules", "calibration")
+TOP_KEYS = ("schema_version", "name", "description", "modules", "calibration", "targets")
+#: ``omni-export build --target``: the device a bundle is built for (its float types, session options)
+TARGETS = ("cpu", "cuda")
+DEFAULT_TARGET = "cpu"
 V1_KEYS = ("dtype", "quantization", "components")
 
 FLOAT_WEIGHTS = ("float32", "float16")
@@ -101,6 +110,12 @@ def _one_of(values: tuple) -> Callable[[Any], bool]:
 #: Every module key, in resolution order (defaults of later keys may depend on ``weights``).
 KEYS: dict[str, KeySpec] = {
     "weights": KeySpec(" | ".join(WEIGHTS), _one_of(WEIGHTS), lambda m: "float32", "float32"),
+    "dtype": KeySpec(" | ".join(FLOAT_WEIGHTS), _one_of(FLOAT_WEIGHTS),
+                     lambda m: m["weights"] if _is_float(m["weights"]) else "float32",
+                     "the weights' type for float weights, float32 for int4 / int8"),
+    "keep_fp32": KeySpec("a list of the module's float32 parts (e.g. norm, softmax)",
+                         lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
+                         lambda m: [], "the module's measured default for float16, [] for float32"),
     "method": KeySpec(" | ".join(METHODS), _one_of(METHODS),
                       lambda m: "none" if _is_float(m["weights"]) else "rtn",
                       "none for float weights, rtn for int4"),
@@ -138,6 +153,8 @@ class ModuleRecipe:
 
     name: str
     weights: str
+    dtype: str
+    keep_fp32: tuple[str, ...]
     method: str
     group_size: int
     symmetric: bool
@@ -149,13 +166,13 @@ class ModuleRecipe:
 
     @property
     def quantized(self) -> bool:
-        """True if the module's linear weights are integer (int4)."""
+        """True if the module's linear weights are integer (int4, int8)."""
         return self.weights in INT_WEIGHTS
 
     @property
     def float_dtype(self) -> str:
-        """The float type of the module's activations and non-quantized weights."""
-        return self.weights if self.weights in FLOAT_WEIGHTS else "float32"
+        """The float type of the module's activations and non-quantized weights (``dtype``)."""
+        return self.dtype
 
     def keeps_float(self, linear: str) -> bool:
         """True if ``linear`` (e.g. ``layers.0.mlp.down_proj``) matches a ``keep_float`` entry."""
@@ -163,7 +180,8 @@ class ModuleRecipe:
 
     def to_json(self) -> dict:
         keys = _registry()[self.name].recipe_keys
-        return {key: list(self.keep_float) if key == "keep_float" else getattr(self, key) for key in keys}
+        return {key: list(getattr(self, key)) if key in ("keep_float", "keep_fp32") else getattr(self, key)
+                for key in keys}
 
 
 @dataclass(frozen=True)
@@ -190,6 +208,8 @@ class Recipe:
     modules: dict[str, ModuleRecipe] = field(hash=False)
     calibration: CalibrationRecipe | None
     source: str
+    #: the build target the modules were resolved for (``targets.<target>`` applied)
+    target: str = DEFAULT_TARGET
 
     def module(self, name: str) -> ModuleRecipe:
         """The settings of module ``name``; RecipeError if the recipe does not export it."""
@@ -253,8 +273,17 @@ def builtin_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Load a built-in recipe by name, or a recipe YAML file by path, and validate it."""
+def check_target(target) -> str:
+    """``target`` if it is a build target, else a RecipeError naming ``--target``."""
+    if target not in TARGETS:
+        raise RecipeError(f"--target {target!r} is not a build target", fix=f"use one of: {', '.join(TARGETS)}")
+    return target
+
+
+def load_recipe(name_or_path: str | Path, target: str = DEFAULT_TARGET) -> Recipe:
+    """Load a built-in recipe by name, or a recipe YAML file by path, and validate it for the
+    build ``target`` (its ``targets.<target>`` module settings applied)."""
+    check_target(target)
     name_or_path = str(name_or_path)
     path = Path(name_or_path)
     base = None
@@ -273,12 +302,14 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"not valid YAML ({exc})", path=source, fix="fix the YAML syntax") from None
-    return parse_recipe(data, source, base=base)
+    return parse_recipe(data, source, base=base, target=target)
 
 
-def parse_recipe(data, source: str, base: Path | None = None) -> Recipe:
-    """Validate a recipe mapping read from ``source`` (used in messages). A relative calibration
-    ``source`` path is taken relative to ``base`` (the recipe file's folder; None: not allowed)."""
+def parse_recipe(data, source: str, base: Path | None = None, target: str = DEFAULT_TARGET) -> Recipe:
+    """Validate a recipe mapping read from ``source`` (used in messages) for the build ``target``.
+    A relative calibration ``source`` path is taken relative to ``base`` (the recipe file's
+    folder; None: not allowed)."""
+    check_target(target)
     def bad(problem: str, fix: str):
         return RecipeError(problem, path=source, fix=fix)
 
@@ -314,8 +345,12 @@ def parse_recipe(data, source: str, base: Path | None = None) -> Recipe:
     if not isinstance(raw_modules, dict) or not raw_modules:
         raise bad(f"modules must be a non-empty mapping of module name -> settings, got {raw_modules!r}",
                   f"write e.g. `modules: {{thinker: {{weights: float32}}}}`; known modules: {', '.join(_registry())}")
+    overrides = _target_modules(data.get("targets"), target, raw_modules, bad)
     modules = {}
     for module_name, settings in raw_modules.items():
+        if module_name in overrides:  # the target's section replaces the keys it names
+            settings = {**(settings or {}), **overrides[module_name]} if isinstance(settings, (dict, type(None))) \
+                else settings
         modules[module_name] = _parse_module(module_name, settings, bad)
 
     uses_awq = [m.name for m in modules.values() if m.method == "awq"]
@@ -324,7 +359,39 @@ def parse_recipe(data, source: str, base: Path | None = None) -> Recipe:
         raise bad("calibration is set but no module uses method awq",
                   "remove the calibration section, or set method: awq on a module")
     calibration = _parse_calibration(raw_cal, bad, source, base) if uses_awq else None
-    return Recipe(name, description, modules, calibration, source)
+    return Recipe(name, description, modules, calibration, source, target)
+
+
+def _target_modules(raw, target: str, raw_modules: dict, bad) -> dict[str, dict]:
+    """The ``targets`` section's module settings for ``target`` (checked for every target, so a
+    recipe's mistake shows whatever it is built for): module name -> the keys it replaces."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad(f"targets must be a mapping of build target -> settings, got {raw!r}",
+                  "write e.g. `targets: {cuda: {modules: {audio: {weights: float16}}}}`")
+    chosen = {}
+    for name, section in raw.items():
+        if name not in TARGETS:
+            raise bad(f"unknown build target {name!r} in targets", f"use one of: {', '.join(TARGETS)}")
+        if not isinstance(section, dict) or set(section) - {"modules"}:
+            raise bad(f"targets.{name} must be a mapping with one key, modules",
+                      f"write `targets: {{{name}: {{modules: {{audio: {{weights: float16}}}}}}}}`")
+        modules = section.get("modules") or {}
+        if not isinstance(modules, dict):
+            raise bad(f"targets.{name}.modules must be a mapping of module name -> settings, got {modules!r}",
+                      "write e.g. `audio: {weights: float16}` under it")
+        for module_name, settings in modules.items():
+            if module_name not in raw_modules:
+                raise bad(f"targets.{name}.modules names {module_name!r}, which the recipe's modules do not export",
+                          f"add {module_name} to modules, or remove it from targets.{name}")
+            if not isinstance(settings, dict):
+                raise bad(f"targets.{name}.modules.{module_name} must be a mapping of settings, got {settings!r}",
+                          "write e.g. `{weights: float16}`")
+            _parse_module(module_name, {**(raw_modules[module_name] or {}), **settings}, bad)  # valid as merged
+        if name == target:
+            chosen = modules
+    return chosen
 
 
 def default_settings(name: str) -> ModuleRecipe:
@@ -349,11 +416,21 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
     values: dict[str, Any] = {}
     for key in KEYS:
         if key not in keys:
-            values[key] = "none" if key == "method" else None  # a module without the key does not quantize
+            if key == "method":  # a module without the key quantizes its int weights round-to-nearest
+                values[key] = "rtn" if values["weights"] in INT_WEIGHTS else "none"
+            elif key == "dtype":
+                values[key] = KEYS[key].default(values)
+            elif key == "keep_fp32":
+                values[key] = ()
+            else:
+                values[key] = None
             continue
         ks = KEYS[key]
         if key not in settings:
-            values[key] = ks.default(values)
+            if key == "keep_fp32":  # the module's measured float16 default (recipes/README.md)
+                values[key] = list(module.default_keep_fp32) if values["dtype"] == "float16" else []
+            else:
+                values[key] = ks.default(values)
             continue
         value = settings[key]
         if not ks.check(value):
@@ -372,6 +449,26 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
     if weights in module.planned:  # a precision the schema knows and the module will build later
         raise bad(f"modules.{name}.weights: {module.planned[weights]}",
                   f"use weights: {' | '.join(module.precisions)}")
+    if method != "none" and method not in module.methods:
+        raise bad(f"modules.{name}.method: {method} is not built for the {name} module",
+                  f"use method: {' | '.join(module.methods)}")
+    dtype = values["dtype"]
+    if weights in FLOAT_WEIGHTS and dtype != weights:
+        raise bad(f"modules.{name}: dtype {dtype} differs from weights {weights}",
+                  f"float weights compute in their own type: drop dtype, or set weights: {dtype}")
+    if dtype not in module.dtypes:
+        raise bad(f"modules.{name}.dtype: {dtype} activations are not built for the {name} module",
+                  f"use dtype: {' | '.join(module.dtypes)}")
+    if isinstance(values["keep_fp32"], list):
+        if values["keep_fp32"] and dtype != "float16":
+            raise bad(f"modules.{name}.keep_fp32 is set but dtype is {dtype}",
+                      "keep_fp32 names parts of a float16 graph: set dtype: float16 (or weights: float16), "
+                      "or remove keep_fp32")
+        for part in values["keep_fp32"]:
+            if part not in module.fp32_parts:
+                raise bad(f"modules.{name}.keep_fp32: {part!r} is not a part of the {name} graphs",
+                          f"use some of: {', '.join(module.fp32_parts)}")
+        values["keep_fp32"] = tuple(values["keep_fp32"])
     if values["keep_float"] is not None:
         for pattern in values["keep_float"]:
             if not _matches_some_linear(module, pattern):

@@ -92,8 +92,7 @@ class AudioStem:
 
 def _layer_norm(g: GraphBuilder, x: ir.Value, norm: tuple[np.ndarray, np.ndarray], name: str) -> ir.Value:
     weight, bias = norm
-    return g.op("LayerNormalization", x, g.weight(f"{name}.weight", weight.astype(np.float32)),
-                g.weight(f"{name}.bias", bias.astype(np.float32)), axis=-1, epsilon=LAYER_NORM_EPS)
+    return g.layer_norm(x, weight, bias, LAYER_NORM_EPS, name)
 
 
 def _gelu(g: GraphBuilder, x: ir.Value, activation: str) -> ir.Value:
@@ -105,17 +104,19 @@ def _gelu(g: GraphBuilder, x: ir.Value, activation: str) -> ir.Value:
 
 
 def _conv(g: GraphBuilder, x: ir.Value, conv: Linear, name: str, stride: int) -> ir.Value:
-    return g.op("Conv", x, g.weight(f"{name}.weight", conv.weight.astype(np.float32)),
-                g.weight(f"{name}.bias", conv.bias.astype(np.float32)),
+    return g.op("Conv", x, g.conv_weight(f"{name}.weight", conv.weight), g.fweight(f"{name}.bias", conv.bias),
                 kernel_shape=[3], pads=[1, 1], strides=[stride])
 
 
 def build_graph(dims: AudioDims, stem: AudioStem, layers: Iterable[AudioLayer], out_dir: Path,
-                on_layer: Callable[[int, int], None] | None = None) -> ExportedGraph:
-    """Write ``audio_encoder.onnx`` (+ ``.data``); ``layers`` is consumed one layer at a time."""
-    g = GraphBuilder(out_dir, FILE_NAME)
+                on_layer: Callable[[int, int], None] | None = None, dtype: str = "float32",
+                keep_fp32: tuple[str, ...] = ()) -> ExportedGraph:
+    """Write ``audio_encoder.onnx`` (+ ``.data``); ``layers`` is consumed one layer at a time.
+    ``dtype``: the float type it computes in (IO stays float32); ``keep_fp32``: parts of a
+    float16 graph kept in float32 (``norm``, ``softmax``, ``residual``; ``GraphBuilder``)."""
+    g = GraphBuilder(out_dir, FILE_NAME, dtype=dtype, keep_fp32=keep_fp32)
     d, heads, hd = dims.d_model, dims.encoder_attention_heads, dims.head_dim
-    feats = g.input("input_features", F, ("audio_chunks", dims.num_mel_bins, "chunk_frames"))
+    feats = g.float_input("input_features", ("audio_chunks", dims.num_mel_bins, "chunk_frames"))
     chunk_lengths = g.input("chunk_lengths", I64, ("audio_chunks",))
     valid_indices = g.input("valid_indices", I64, ("audio_positions",))
     pool_indices = g.input("pool_indices", I64, ("audio_tokens",))
@@ -129,23 +130,24 @@ def build_graph(dims: AudioDims, stem: AudioStem, layers: Iterable[AudioLayer], 
 
     # conv1 -> GELU, zeroed past each chunk's length (the padding must not leak into conv2)
     frames = g.op("Gather", g.op("Shape", feats), g.const(2), axis=0)
-    frame_mask = g.op("Cast", g.op("Unsqueeze", positions_below(lengths, frames), g.const([1])), to=F)  # [C, 1, T]
+    frame_mask = g.op("Cast", g.op("Unsqueeze", positions_below(lengths, frames), g.const([1])), to=g.F)  # [C, 1, T]
     x = g.op("Mul", _gelu(g, _conv(g, feats, stem.conv1, "conv1", 1), dims.activation_function), frame_mask)
     x = _gelu(g, _conv(g, x, stem.conv2, "conv2", 2), dims.activation_function)                # [C, d, T2]
     x = g.op("Transpose", x, perm=[0, 2, 1])                                                    # [C, T2, d]
     positions = g.op("Gather", g.op("Shape", x), g.const(1), axis=0)
-    table = g.weight("positional_embedding", stem.positional_embedding.astype(np.float32))
+    table = g.fweight("positional_embedding", stem.positional_embedding)
     x = g.op("Add", x, g.op("Slice", table, g.const([0]), g.op("Unsqueeze", positions, g.const([0])), g.const([0])))
 
     # keys past a chunk's length after the conv ((len - 1) // 2 + 1) are masked
     after_conv = g.op("Add", g.op("Div", g.op("Sub", lengths, one), g.const(2)), one)            # [C, 1]
     key_valid = g.op("Unsqueeze", positions_below(after_conv, positions), g.const([1, 2]))       # [C, 1, 1, T2]
-    key_bias = g.op("Where", key_valid, g.const(0.0, np.float32), g.const(-np.inf, np.float32))
+    softmax32 = g.fp32("softmax")
+    key_bias = g.op("Where", key_valid, g.fconst(0.0, softmax32), g.fconst(-np.inf, softmax32))
 
     def split_heads(t: ir.Value) -> ir.Value:
         return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, heads, hd])), perm=[0, 2, 1, 3])
 
-    scale = g.const(hd ** -0.5, np.float32)
+    scale = g.fconst(hd ** -0.5)
     count = 0
     for i, layer in enumerate(layers):
         p = f"layers.{i}"
@@ -153,23 +155,23 @@ def build_graph(dims: AudioDims, stem: AudioStem, layers: Iterable[AudioLayer], 
         q = split_heads(g.linear(h, layer.q_proj, f"{p}.self_attn.q_proj"))
         k = split_heads(g.linear(h, layer.k_proj, f"{p}.self_attn.k_proj"))
         v = split_heads(g.linear(h, layer.v_proj, f"{p}.self_attn.v_proj"))
-        scores = g.op("Add", g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale), key_bias)
-        attn = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)                                # [C, H, T2, hd]
+        scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
+        attn = g.op("MatMul", g.softmax(scores, key_bias), v)                                    # [C, H, T2, hd]
         attn = g.op("Reshape", g.op("Transpose", attn, perm=[0, 2, 1, 3]), g.const([0, 0, d]))
-        x = g.op("Add", x, g.linear(attn, layer.out_proj, f"{p}.self_attn.out_proj"))
+        x = g.residual(x, g.linear(attn, layer.out_proj, f"{p}.self_attn.out_proj"))
         h = _layer_norm(g, x, layer.final_layer_norm, f"{p}.final_layer_norm")
         h = g.linear(_gelu(g, g.linear(h, layer.fc1, f"{p}.fc1"), dims.activation_function), layer.fc2, f"{p}.fc2")
-        x = g.op("Add", x, h)
+        x = g.residual(x, h)
         count += 1
         if on_layer is not None:
             on_layer(i, g.weights.offset)
     if count != dims.encoder_layers:
         raise ValueError(f"expected {dims.encoder_layers} audio encoder layers, got {count}")
 
-    hidden = g.op("Gather", g.op("Reshape", x, g.const([-1, d])), valid_indices, axis=0)       # [N, d]
+    hidden = g.op("Gather", g.op("Reshape", g.stream(x), g.const([-1, d])), valid_indices, axis=0)  # [N, d]
     pooled = g.op("Div", g.op("Add", g.op("Gather", hidden, pool_indices, axis=0),
                               g.op("Gather", hidden, g.op("Add", pool_indices, one), axis=0)),
-                  g.const(2.0, np.float32))
+                  g.fconst(2.0))
     out = g.linear(_layer_norm(g, pooled, stem.ln_post, "ln_post"), stem.proj, "proj")
-    g.output(out, "audio_embeds", F, ("audio_tokens", dims.output_dim))
+    g.float_output(out, "audio_embeds", ("audio_tokens", dims.output_dim))
     return g.save()

@@ -109,7 +109,9 @@ def section_mask(dims: TextDims) -> np.ndarray:
 
 
 class _Rotary:
-    """cos/sin of the multimodal rotary embedding, computed once per step from position_ids."""
+    """cos/sin of the multimodal rotary embedding, computed once per step from position_ids
+    (in float32: float16 cannot hold positions past 2048 nor their angles; cos/sin are then cast
+    to the compute type)."""
 
     def __init__(self, g: GraphBuilder, position_ids: ir.Value, dims: TextDims):
         freqs = g.op("Mul", g.op("Unsqueeze", g.op("Cast", position_ids, to=F), g.const([-1])),
@@ -117,7 +119,7 @@ class _Rotary:
         chosen = g.op("ReduceSum", g.op("Mul", freqs, g.weight("rotary.section_mask", section_mask(dims))),
                       g.const([0]), keepdims=0)                                           # [B, S, D/2]
         emb = g.op("Unsqueeze", g.op("Concat", chosen, chosen, axis=-1), g.const([2]))  # [B, S, 1, D]
-        self.cos, self.sin = g.op("Cos", emb), g.op("Sin", emb)
+        self.cos, self.sin = g.to_compute(g.op("Cos", emb)), g.to_compute(g.op("Sin", emb))
         self.half = dims.head_dim // 2
         self.dims = dims
 
@@ -143,8 +145,16 @@ def build_decoder_graph(
     on_layer: Callable[[int, int], None] | None = None,
     input_proj: Linear | None = None,
     input_width: int | None = None,
+    dtype: str = "float32",
+    keep_fp32: tuple[str, ...] = (),
 ) -> ExportedGraph:
     """Write ``file_name`` (+ ``.data``) from a stream of layers; returns its IO.
+
+    ``dtype``: the float type it computes in. A float16 decoder keeps ``inputs_embeds``,
+    ``logits`` and ``last_hidden_state`` float32 (Casts inside) but its KV cache is float16
+    (``dims.kv_dtype``): the cache is one buffer bound to both ``past`` and ``present`` and
+    written in place, which a Cast at the boundary would turn into a copy of the whole cache per
+    step. ``keep_fp32``: ``norm`` (RMSNorms and the residual stream in float32).
 
     ``input_proj`` (with ``input_width`` its input size) maps ``inputs_embeds`` to the decoder's
     width first, as the talker's ``thinker_to_talker_proj`` does.
@@ -153,14 +163,18 @@ def build_decoder_graph(
     requested. ``lm_head`` is called after the last layer (its weight is the largest tensor).
     ``on_layer(i, bytes_written)`` is called after each layer's weights are on disk.
     """
-    g = GraphBuilder(out_dir, file_name, emit=emit, accuracy_level=accuracy_level)
+    g = GraphBuilder(out_dir, file_name, emit=emit, accuracy_level=accuracy_level, dtype=dtype,
+                     keep_fp32=keep_fp32)
+    kv_type = ir.DataType.FLOAT16 if dims.kv_dtype == "float16" else F
+    if kv_type != g.F:
+        raise ValueError(f"{file_name}: kv_dtype {dims.kv_dtype} must be the compute type {dtype}")
     n = dims.num_hidden_layers
     kv_in = ("batch", dims.num_key_value_heads, "past_sequence", dims.head_dim)
-    embeds = g.input("inputs_embeds", F, ("batch", "sequence", input_width or dims.hidden_size))
+    embeds = g.float_input("inputs_embeds", ("batch", "sequence", input_width or dims.hidden_size))
     position_ids = g.input("position_ids", ir.DataType.INT64, (3, "batch", "sequence"))
     seqlens_k = g.input("seqlens_k", ir.DataType.INT32, ("batch",))
     total = g.input("total_sequence_length", ir.DataType.INT32, ())
-    past = [g.input(name, F, kv_in) for name in past_names(n)]
+    past = [g.input(name, kv_type, kv_in) for name in past_names(n)]
     rotary = _Rotary(g, position_ids, dims)
     if input_proj is not None:
         embeds = g.linear(embeds, input_proj, "input_proj")
@@ -200,9 +214,9 @@ def build_decoder_graph(
         hidden, _ = g.skip_rms_norm(mlp_out, residual, final_norm, dims.rms_norm_eps, "norm.weight")
     last = g.op("Slice", hidden, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1]))
     logits = g.linear(last, lm_head(), "lm_head")
-    g.output(logits, "logits", F, ("batch", 1, dims.vocab_size))
-    g.output(hidden, "last_hidden_state", F, ("batch", "sequence", dims.hidden_size))
+    g.float_output(logits, "logits", ("batch", 1, dims.vocab_size))
+    g.float_output(hidden, "last_hidden_state", ("batch", "sequence", dims.hidden_size))
     kv_out = ("batch", dims.num_key_value_heads, "present_sequence", dims.head_dim)
     for name, value in zip(present_names(n), presents):
-        g.output(value, name, F, kv_out)
+        g.output(value, name, kv_type, kv_out)
     return g.save()

@@ -34,6 +34,8 @@ class ExportedGraph:
     inputs: tuple[TensorIO, ...]
     outputs: tuple[TensorIO, ...]
     opset: int = OPSET
+    #: the float type its activations are computed in (the manifest's graph ``dtype``)
+    dtype: str = "float32"
 
 
 def export_module(

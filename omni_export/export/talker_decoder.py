@@ -32,6 +32,7 @@ from omni_runtime.bundle.names import TALKER_DECODER as GRAPH_NAME, TALKER_EMBED
 from omni_export.export.decoder_graph import TextDims, build_decoder_graph
 from omni_export.export.onnx_graph import GraphBuilder
 from omni_export.export.onnx_io import ExportedGraph
+from omni_export.quant.types import ChannelQuantWeight
 
 FILE_NAME = "talker_decoder.onnx"
 EMBEDDING_FILE_NAME = "talker_embedding.onnx"
@@ -45,10 +46,19 @@ def talker_dims(talker_config) -> TextDims:
     return TextDims.from_config(talker_config)
 
 
-def build_embedding_graph(table: np.ndarray, out_dir: Path) -> ExportedGraph:
-    """Write ``talker_embedding.onnx``: codec ids -> rows of the float32 ``[vocab, embedding_size]`` table."""
-    g = GraphBuilder(out_dir, EMBEDDING_FILE_NAME)
+def build_embedding_graph(table: np.ndarray | ChannelQuantWeight, out_dir: Path, dtype: str = "float32") -> ExportedGraph:
+    """Write ``talker_embedding.onnx``: codec ids -> rows of the ``[vocab, embedding_size]`` table,
+    float32 out. The table is float (stored in ``dtype``) or int8 with one scale per row
+    (``ChannelQuantWeight``): the graph gathers the int8 rows and their scales and dequantizes only
+    those rows, so the table stays int8 in memory."""
+    g = GraphBuilder(out_dir, EMBEDDING_FILE_NAME, dtype=dtype)
     ids = g.input("input_ids", ir.DataType.INT64, ("batch", "sequence"))
-    embeds = g.op("Gather", g.weight("embed_tokens.weight", np.asarray(table, dtype=np.float32)), ids, axis=0)
-    g.output(embeds, "inputs_embeds", ir.DataType.FLOAT, ("batch", "sequence", int(table.shape[1])))
+    width = int(table.shape[1])
+    if isinstance(table, ChannelQuantWeight):
+        rows = g.op("Gather", g.weight("embed_tokens.qweight", table.q), ids, axis=0)            # [B, S, E] int8
+        scales = g.op("Gather", g.weight("embed_tokens.scales", table.scales.astype(g.np_float)), ids, axis=0)
+        embeds = g.op("Mul", g.op("Cast", rows, to=g.F), g.op("Unsqueeze", scales, g.const([-1])))
+    else:
+        embeds = g.op("Gather", g.fweight("embed_tokens.weight", table), ids, axis=0)
+    g.float_output(embeds, "inputs_embeds", ("batch", "sequence", width))
     return g.save()

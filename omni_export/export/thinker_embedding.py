@@ -24,9 +24,11 @@ from omni_export.export.onnx_io import ExportedGraph
 FILE_NAME = "thinker_embedding.onnx"
 
 
-def build_graph(table: np.ndarray | QuantWeight, out_dir: Path) -> ExportedGraph:
-    """Write ``thinker_embedding.onnx`` for a float [vocab, hidden] or quantized table."""
-    g = GraphBuilder(out_dir, FILE_NAME)
+def build_graph(table: np.ndarray | QuantWeight, out_dir: Path, dtype: str = "float32") -> ExportedGraph:
+    """Write ``thinker_embedding.onnx`` for a float [vocab, hidden] or quantized table. ``dtype``
+    float16 stores a float table in float16 (the gathered rows are cast to the float32 output);
+    a quantized table dequantizes to float32 whatever ``dtype`` is."""
+    g = GraphBuilder(out_dir, FILE_NAME, dtype="float32" if isinstance(table, QuantWeight) else dtype)
     ids = g.input("input_ids", ir.DataType.INT64, ("batch", "sequence"))
     if isinstance(table, QuantWeight):
         vocab, hidden = table.q.shape
@@ -37,6 +39,6 @@ def build_graph(table: np.ndarray | QuantWeight, out_dir: Path) -> ExportedGraph
         embeds = g.op("DequantizeLinear", rows, scales, zeros, axis=2, block_size=int(table.group_size))
     else:
         vocab, hidden = table.shape
-        embeds = g.op("Gather", g.weight("embed_tokens.weight", table.astype(np.float32)), ids, axis=0)
-    g.output(embeds, "inputs_embeds", ir.DataType.FLOAT, ("batch", "sequence", hidden))
+        embeds = g.op("Gather", g.fweight("embed_tokens.weight", table), ids, axis=0)
+    g.float_output(embeds, "inputs_embeds", ("batch", "sequence", hidden))
     return g.save()

@@ -137,17 +137,17 @@ class _Builder:
         g = self.g
         k = conv.weight.shape[-1]
         pad = _padding(k, dilation)
-        inputs = [x, g.weight(f"{name}.weight", conv.weight.astype(np.float32))]
+        inputs = [x, g.conv_weight(f"{name}.weight", conv.weight)]
         if conv.bias is not None:
-            inputs.append(g.weight(f"{name}.bias", conv.bias.astype(np.float32)))
+            inputs.append(g.fweight(f"{name}.bias", conv.bias))
         return g.op("Conv", *inputs, dilations=[dilation], pads=[pad, pad], strides=[1], kernel_shape=[k])
 
     def conv_transpose(self, x: ir.Value, conv: Conv, stride: int, name: str) -> ir.Value:
         g = self.g
         k = conv.weight.shape[-1]
         pad = (k - stride) // 2
-        return g.op("ConvTranspose", x, g.weight(f"{name}.weight", conv.weight.astype(np.float32)),
-                    g.weight(f"{name}.bias", conv.bias.astype(np.float32)), strides=[stride], pads=[pad, pad],
+        return g.op("ConvTranspose", x, g.conv_weight(f"{name}.weight", conv.weight, transposed=True),
+                    g.fweight(f"{name}.bias", conv.bias), strides=[stride], pads=[pad, pad],
                     kernel_shape=[k])
 
     def _filter(self, kind: str, channels: int) -> ir.Value:
@@ -155,7 +155,7 @@ class _Builder:
         key = (kind, channels)
         if key not in self._filters:
             taps = {"up_even": self.up_even, "up_odd": self.up_odd, "down": self.down_taps}[kind]
-            self._filters[key] = self.g.weight(f"aa_{kind}_filter_{channels}", np.ascontiguousarray(
+            self._filters[key] = self.g.fweight(f"aa_{kind}_filter_{channels}", np.ascontiguousarray(
                 np.broadcast_to(taps, (channels, 1, 1, taps.shape[0]))))
         return self._filters[key]
 
@@ -178,9 +178,8 @@ class _Builder:
         # SnakeBeta with per-channel constants
         alpha = np.exp(snake.alpha.astype(np.float32))[:, None, None]
         inv_beta = (np.float32(1.0) / (np.exp(snake.beta.astype(np.float32)) + np.float32(SNAKE_EPS)))[:, None, None]
-        s = g.op("Sin", g.op("Mul", up, g.weight(f"{name}.exp_alpha", alpha.astype(np.float32))))
-        act = g.op("Add", up, g.op("Mul", g.weight(f"{name}.inv_beta", inv_beta.astype(np.float32)),
-                                   g.op("Mul", s, s)))
+        s = g.op("Sin", g.op("Mul", up, g.fweight(f"{name}.exp_alpha", alpha)))
+        act = g.op("Add", up, g.op("Mul", g.fweight(f"{name}.inv_beta", inv_beta), g.op("Mul", s, s)))
         # downsample: replicate-pad (kernel/2 - 1 left, kernel/2 right for an even kernel), strided depthwise conv
         left = AA_KERNEL // 2 - int(AA_KERNEL % 2 == 0)
         right = AA_KERNEL // 2
@@ -192,17 +191,20 @@ class _Builder:
     def amp_block(self, x: ir.Value, block: AMPBlock, dilations: tuple[int, ...], name: str) -> ir.Value:
         for i, (c1, c2) in enumerate(zip(block.convs1, block.convs2)):
             residual = x
-            x = self.anti_aliased_snake(x, block.activations[2 * i], f"{name}.activations.{2 * i}")
+            x = self.anti_aliased_snake(self.g.stream(x), block.activations[2 * i], f"{name}.activations.{2 * i}")
             x = self.conv(x, c1, f"{name}.convs1.{i}", dilation=dilations[i])
             x = self.anti_aliased_snake(x, block.activations[2 * i + 1], f"{name}.activations.{2 * i + 1}")
             x = self.conv(x, c2, f"{name}.convs2.{i}")
-            x = self.g.op("Add", residual, x)
-        return x
+            x = self.g.residual(residual, x)
+        return self.g.stream(x)
 
 
-def build_graph(dims: BigVGANDims, weights: BigVGANWeights, out_dir: Path) -> ExportedGraph:
-    """Write ``token2wav_bigvgan.onnx`` (+ ``.data``)."""
-    g = GraphBuilder(out_dir, FILE_NAME)
+def build_graph(dims: BigVGANDims, weights: BigVGANWeights, out_dir: Path, dtype: str = "float32",
+                keep_fp32: tuple[str, ...] = ()) -> ExportedGraph:
+    """Write ``token2wav_bigvgan.onnx`` (+ ``.data``). ``dtype``: the float type it computes in (IO
+    stays float32; the mel's decibel normalisation is float32 in any case); ``keep_fp32``:
+    ``residual`` (each AMP block's residual stream) of a float16 graph kept in float32."""
+    g = GraphBuilder(out_dir, FILE_NAME, dtype=dtype, keep_fp32=keep_fp32)
     b = _Builder(g)
     mel = g.input("mel", F, ("batch", dims.mel_dim, "frames"))
 
@@ -215,7 +217,7 @@ def build_graph(dims: BigVGANDims, weights: BigVGANWeights, out_dir: Path) -> Ex
     normalised = g.op("Sub", g.op("Mul", g.const(2.0, np.float32),
                                   g.op("Div", g.op("Sub", db, g.const(MIN_DB, np.float32)),
                                        g.const(-MIN_DB, np.float32))), g.const(1.0, np.float32))
-    x = g.op("Clip", normalised, g.const(-1.0, np.float32), g.const(1.0, np.float32))
+    x = g.to_compute(g.op("Clip", normalised, g.const(-1.0, np.float32), g.const(1.0, np.float32)))
 
     x = b.conv(x, weights.conv_pre, "conv_pre")
     n_kernels = len(dims.resblock_kernel_sizes)
@@ -226,10 +228,10 @@ def build_graph(dims: BigVGANDims, weights: BigVGANWeights, out_dir: Path) -> Ex
             index = stage * n_kernels + j
             y = b.amp_block(x, weights.resblocks[index], dims.resblock_dilation_sizes[j], f"resblocks.{index}")
             total = y if total is None else g.op("Add", total, y)
-        x = g.op("Div", total, g.const(float(n_kernels), np.float32))
+        x = g.op("Div", total, g.fconst(float(n_kernels)))
     x = b.anti_aliased_snake(x, weights.activation_post, "activation_post")
     x = b.conv(x, weights.conv_post, "conv_post")
-    wave = g.op("Clip", x, g.const(-1.0, np.float32), g.const(1.0, np.float32))
+    wave = g.op("Clip", x, g.fconst(-1.0), g.fconst(1.0))
     wave = g.op("Squeeze", wave, g.const([1]))
-    g.output(wave, "waveform", F, ("batch", "samples"))
+    g.float_output(wave, "waveform", ("batch", "samples"))
     return g.save()

@@ -137,48 +137,53 @@ class _Graph:
         self.g = g
         self.dims = dims
         h = dims.hidden_size
-        self.ones = g.weight("layer_norm.ones", np.ones(h, np.float32))
-        self.zeros = g.weight("layer_norm.zeros", np.zeros(h, np.float32))
+        norm32 = g.half and g.fp32("norm")  # the norm's affine constants are of the type it runs in
+        self.ones = g.fweight("layer_norm.ones", np.ones(h, np.float32), norm32)
+        self.zeros = g.fweight("layer_norm.zeros", np.zeros(h, np.float32), norm32)
 
     def silu(self, x: ir.Value) -> ir.Value:
         return self.g.op("Mul", x, self.g.op("Sigmoid", x))
 
     def layer_norm(self, x: ir.Value) -> ir.Value:
-        return self.g.op("LayerNormalization", x, self.ones, self.zeros, axis=-1, epsilon=LN_EPS)
+        return self.g.layer_norm(x, self.ones, self.zeros, LN_EPS)
 
     def modulate(self, x: ir.Value, scale: ir.Value, shift: ir.Value) -> ir.Value:
         """norm(x) * (1 + scale[:, None]) + shift[:, None]."""
         g = self.g
-        one_plus = g.op("Add", g.const(1.0, np.float32), g.op("Unsqueeze", scale, g.const([1])))
+        one_plus = g.op("Add", g.fconst(1.0), g.op("Unsqueeze", scale, g.const([1])))
         return g.op("Add", g.op("Mul", self.layer_norm(x), one_plus), g.op("Unsqueeze", shift, g.const([1])))
 
 
 def build_graph(dims: DiTDims, weights: DiTWeights, layers: Iterable[DiTLayer], out_dir: Path,
-                on_layer=None) -> ExportedGraph:
-    """Write ``token2wav_dit.onnx`` (+ ``.data``); ``layers`` is consumed one layer at a time."""
-    g = GraphBuilder(out_dir, FILE_NAME)
+                on_layer=None, dtype: str = "float32", keep_fp32: tuple[str, ...] = ()) -> ExportedGraph:
+    """Write ``token2wav_dit.onnx`` (+ ``.data``); ``layers`` is consumed one layer at a time.
+    ``dtype``: the float type it computes in (IO stays float32); the time sinusoids and rotary
+    angles are float32 in any case (1000 * t and frame positions: float16 would lose them);
+    ``keep_fp32``: ``norm``, ``softmax``, ``residual`` of a float16 graph kept in float32."""
+    g = GraphBuilder(out_dir, FILE_NAME, dtype=dtype, keep_fp32=keep_fp32)
     h, heads, hd, bs = dims.hidden_size, dims.num_attention_heads, dims.head_dim, dims.block_size
-    x = g.input("x", F, ("batch", "frames", dims.mel_dim))
+    x_in = g.input("x", F, ("batch", "frames", dims.mel_dim))
+    x = g.to_compute(x_in)
     codes = g.input("codes", I64, ("batch", "codes"))
     time = g.input("time", F, ("batch",))
-    spk = g.input("speaker_embedding", F, ("batch", dims.enc_emb_dim))
-    ref = g.input("reference_embedding", F, ("batch", dims.enc_dim))
+    spk = g.float_input("speaker_embedding", ("batch", dims.enc_emb_dim))
+    ref = g.float_input("reference_embedding", ("batch", dims.enc_dim))
     m = _Graph(g, dims)
 
     # time embedding: sinusoids of 1000 * t, then Linear-SiLU-Linear; every layer modulates with SiLU of it
     scaled = g.op("Mul", g.op("Mul", g.const(TIME_SCALE, np.float32), g.op("Unsqueeze", time, g.const([1]))),
                   g.weight("time_embed.frequencies", time_frequencies()[None, :]))
-    sinus = g.op("Concat", g.op("Sin", scaled), g.op("Cos", scaled), axis=-1)
+    sinus = g.to_compute(g.op("Concat", g.op("Sin", scaled), g.op("Cos", scaled), axis=-1))
     t_emb = g.linear(m.silu(g.linear(sinus, weights.time_mlp_in, "time_embed.time_mlp.0")), weights.time_mlp_out,
                      "time_embed.time_mlp.2")
     t_silu = m.silu(t_emb)
 
     # input embedding: [x, reference embedding, code embedding repeated, x-vector] -> hidden
-    code_emb = g.op("Gather", g.weight("text_embed.codec_embed.weight", weights.codec_embed.astype(np.float32)),
+    code_emb = g.op("Gather", g.fweight("text_embed.codec_embed.weight", weights.codec_embed),
                     codes, axis=0)                                                             # [B, N, E]
     code_emb = g.op("Expand", g.op("Unsqueeze", code_emb, g.const([2])), g.const([1, 1, dims.repeats, 1]))
     code_emb = g.op("Reshape", code_emb, g.const([0, -1, dims.emb_dim]))                       # [B, N*R, E]
-    x_shape = g.op("Shape", x)
+    x_shape = g.op("Shape", x_in)
     batch_frames = g.op("Slice", x_shape, g.const([0]), g.const([2]))
 
     def per_frame(v: ir.Value, width: int) -> ir.Value:
@@ -194,7 +199,7 @@ def build_graph(dims: DiTDims, weights: DiTWeights, layers: Iterable[DiTLayer], 
     freqs = g.op("Mul", g.op("Unsqueeze", positions, g.const([1])),
                  g.weight("rotary.inv_freq", inverse_frequencies(dims)[None, :]))
     emb = g.op("Concat", freqs, freqs, axis=-1)
-    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+    cos, sin = g.to_compute(g.op("Cos", emb)), g.to_compute(g.op("Sin", emb))
     deinterleave = np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)]).astype(np.int64)
 
     def rope_first_head(v: ir.Value) -> ir.Value:
@@ -223,7 +228,8 @@ def build_graph(dims: DiTDims, weights: DiTWeights, layers: Iterable[DiTLayer], 
             offsets = np.array([(j // bs - back) * bs + j % bs for j in range(width)], np.int64)
             key_pos = g.op("Add", g.op("Mul", block_ids, g.const([bs])), g.const(offsets[None, :]))  # [nb, w*bs]
             valid = g.op("And", g.op("GreaterOrEqual", key_pos, g.const([0])), g.op("Less", key_pos, frames_1d))
-            bias = g.op("Where", valid, g.const(0.0, np.float32), g.const(np.finfo(np.float32).min, np.float32))
+            fp32 = g.fp32("softmax")  # the mask is of the type the softmax runs in
+            bias = g.op("Where", valid, g.fconst(0.0, fp32), g.fconst(np.finfo(np.float32).min, fp32))
             masks[(back, ahead)] = g.op("Unsqueeze", bias, g.const([1]))
         return masks[(back, ahead)]
 
@@ -245,8 +251,8 @@ def build_graph(dims: DiTDims, weights: DiTWeights, layers: Iterable[DiTLayer], 
         qb, kb, vb = blocks
         kw, vw = windows(kb, back, ahead), windows(vb, back, ahead)
         scores = g.op("MatMul", qb, g.op("Transpose", kw, perm=[0, 1, 2, 4, 3]))
-        scores = g.op("Add", g.op("Mul", scores, g.const(1.0 / math.sqrt(hd), np.float32)), window_mask(back, ahead))
-        out = g.op("MatMul", g.op("Softmax", scores, axis=-1), vw)                               # [B, H, nb, bs, hd]
+        scores = g.op("Mul", scores, g.fconst(1.0 / math.sqrt(hd)))
+        out = g.op("MatMul", g.softmax(scores, window_mask(back, ahead)), vw)                   # [B, H, nb, bs, hd]
         out = g.op("Slice", g.op("Reshape", out, g.const([0, 0, -1, hd])), g.const([0]), frames_1d, g.const([2]))
         return g.op("Reshape", g.op("Transpose", out, perm=[0, 2, 1, 3]), g.const([0, 0, heads * hd]))
 
@@ -264,11 +270,11 @@ def build_graph(dims: DiTDims, weights: DiTWeights, layers: Iterable[DiTLayer], 
         q, k, v = g.linears(norm, [layer.to_q, layer.to_k, layer.to_v], [f"{p}.attn.to_{n}" for n in "qkv"])
         q, k, v = rope_first_head(split_heads(q)), rope_first_head(split_heads(k)), split_heads(v)
         attn = g.linear(attention(q, k, v, back, ahead), layer.to_out, f"{p}.attn.to_out.0")
-        hidden = g.op("Add", hidden, g.op("Mul", g.op("Unsqueeze", gate_msa, g.const([1])), attn))
+        hidden = g.residual(hidden, g.op("Mul", g.op("Unsqueeze", gate_msa, g.const([1])), attn))
         norm = m.modulate(hidden, scale_mlp, shift_mlp)
         ff = g.linear(g.op("Gelu", g.linear(norm, layer.ff_in, f"{p}.ff.ff.0"), approximate="tanh"), layer.ff_out,
                       f"{p}.ff.ff.3")
-        hidden = g.op("Add", hidden, g.op("Mul", g.op("Unsqueeze", gate_mlp, g.const([1])), ff))
+        hidden = g.residual(hidden, g.op("Mul", g.op("Unsqueeze", gate_mlp, g.const([1])), ff))
         count += 1
         if on_layer is not None:
             on_layer(i, g.weights.offset)
@@ -278,5 +284,5 @@ def build_graph(dims: DiTDims, weights: DiTWeights, layers: Iterable[DiTLayer], 
     final = g.linear(t_silu, weights.norm_out, "norm_out.linear")
     scale, shift = g.ops("Split", final, g.const([h, h]), outputs=2, axis=1)
     out = g.linear(m.modulate(hidden, scale, shift), weights.proj_out, "proj_out")
-    g.output(out, OUTPUT_NAME, F, ("batch", "frames", dims.mel_dim))
+    g.float_output(out, OUTPUT_NAME, ("batch", "frames", dims.mel_dim))
     return g.save()

@@ -112,7 +112,7 @@ class VisionBlock:
 class VisionWeights:
     """Everything but the blocks (which are streamed one at a time)."""
 
-    patch_embed: np.ndarray  # [hidden, C, T, P, P]
+    patch_embed: Linear      # the Conv3d (stride = kernel) as a linear [hidden, C*T*P*P], no bias
     merger_norm: np.ndarray  # [hidden]
     merger_fc1: Linear       # [hidden * unit] -> [hidden * unit]
     merger_fc2: Linear       # [hidden * unit] -> [out_hidden]
@@ -145,8 +145,9 @@ class _Segments:
         valid = g.op("Less", steps, g.op("Unsqueeze", self.lens, g.const([1])))                 # [S', L]
         index = g.op("Add", g.op("Unsqueeze", self.starts, g.const([1])), steps)
         self.index = g.op("Where", valid, index, g.const(0))                                     # [S', L]
-        self.bias = g.op("Where", valid, g.const(0.0, np.float32),
-                         g.const(np.finfo(np.float32).min, np.float32))                         # [S', L]
+        fp32 = g.fp32("softmax")  # the mask is of the type the softmax runs in
+        self.bias = g.op("Where", valid, g.fconst(0.0, fp32),
+                         g.fconst(np.finfo(np.float32).min, fp32))                              # [S', L]
 
 
 def _ceil_div(g: GraphBuilder, x: ir.Value, d: int) -> ir.Value:
@@ -183,7 +184,8 @@ def _attention(g: GraphBuilder, q, k, v, seg: _Segments, dims: VisionDims, group
     a run materialises ``group x heads x chunk x longest`` scores, not all segments' at once."""
     chunks = _ceil_div(g, seg.longest, chunk)                                                   # []
     trips = g.op("Mul", seg.groups, chunks)
-    scale = g.const(np.float32(dims.head_dim ** -0.5), np.float32)
+    scale = g.fconst(np.float32(dims.head_dim ** -0.5))
+    softmax32 = g.half and g.fp32("softmax")
 
     b = _Body(f"{name}.loop")
     i = b.value(I64, ())
@@ -200,11 +202,17 @@ def _attention(g: GraphBuilder, q, k, v, seg: _Segments, dims: VisionDims, group
     qs = b.op("Transpose", b.op("Gather", q, queries, axis=0), perm=[0, 2, 1, 3])              # [G, H, chunk, D]
     ks = b.op("Transpose", b.op("Gather", k, keys, axis=0), perm=[0, 2, 3, 1])                 # [G, H, D, L]
     vs = b.op("Transpose", b.op("Gather", v, keys, axis=0), perm=[0, 2, 1, 3])                 # [G, H, L, D]
-    scores = b.op("Add", b.op("Mul", b.op("MatMul", qs, ks), scale), b.op("Unsqueeze", bias, g.const([1, 2])))
-    out = b.op("MatMul", b.op("Softmax", scores, axis=-1), vs)                                  # [G, H, chunk, D]
+    scores = b.op("Mul", b.op("MatMul", qs, ks), scale)
+    if softmax32:  # the Loop body holds its own Casts (GraphBuilder.softmax works on the outer graph)
+        scores = b.op("Cast", scores, to=ir.DataType.FLOAT)
+    scores = b.op("Add", scores, b.op("Unsqueeze", bias, g.const([1, 2])))
+    probs = b.op("Softmax", scores, axis=-1)
+    if softmax32:
+        probs = b.op("Cast", probs, to=g.F)
+    out = b.op("MatMul", probs, vs)                                                             # [G, H, chunk, D]
     out = b.op("Transpose", out, perm=[0, 2, 1, 3])                                             # [G, chunk, H, D]
     cond_out = b.op("Identity", cond)
-    for value, dtype in ((cond_out, ir.DataType.BOOL), (out, F), (valid, ir.DataType.BOOL)):
+    for value, dtype in ((cond_out, ir.DataType.BOOL), (out, g.F), (valid, ir.DataType.BOOL)):
         value.type = ir.TensorType(dtype)
     body = ir.Graph([i, cond], [cond_out, out, valid], nodes=b.tape.nodes, name=f"{name}.body")
 
@@ -234,7 +242,7 @@ def _activation(g: GraphBuilder, x, name: str) -> ir.Value:
     if name == "gelu_pytorch_tanh":
         return g.op("Gelu", x, approximate="tanh")
     if name == "quick_gelu":
-        return g.op("Mul", x, g.op("Sigmoid", g.op("Mul", x, g.const(np.float32(1.702), np.float32))))
+        return g.op("Mul", x, g.op("Sigmoid", g.op("Mul", x, g.fconst(np.float32(1.702)))))
     raise ValueError(f"unsupported vision hidden_act {name!r} (supported: {', '.join(ACTIVATIONS)})")
 
 
@@ -246,20 +254,23 @@ def _window_order(g: GraphBuilder, x, window_index, dims: VisionDims, width: int
 
 
 def build_graph(dims: VisionDims, weights: VisionWeights, blocks, out_dir: Path,
-                on_block: Callable[[int], None] | None = None) -> ExportedGraph:
+                on_block: Callable[[int], None] | None = None, dtype: str = "float32",
+                keep_fp32: tuple[str, ...] = ()) -> ExportedGraph:
     """Write ``vision_encoder.onnx`` (+ ``.data``); ``blocks`` yields the ``VisionBlock``s in order,
-    each written to disk before the next is requested."""
+    each written to disk before the next is requested. ``dtype``: the float type it computes in
+    (IO stays float32); ``keep_fp32``: parts of a float16 graph kept in float32 (``norm``,
+    ``softmax``, ``residual``). The rotary angles are float32 in any case (positions up to
+    thousands of patches times frequencies: float16 would lose them)."""
     if dims.hidden_act not in ACTIVATIONS:
         raise ValueError(f"unsupported vision hidden_act {dims.hidden_act!r}")
-    g = GraphBuilder(out_dir, FILE_NAME)
-    pixels = g.input("pixel_values", F, ("patches", dims.patch_dim))
+    g = GraphBuilder(out_dir, FILE_NAME, dtype=dtype, keep_fp32=keep_fp32)
+    pixels = g.float_input("pixel_values", ("patches", dims.patch_dim))
     position_ids = g.input("position_ids", I64, ("patches", 2))
     window_index = g.input("window_index", I64, ("merged",))
     cu_seqlens = g.input("cu_seqlens", I64, ("segments_plus_1",))
     cu_window = g.input("cu_window_seqlens", I64, ("windows_plus_1",))
 
-    patch_w = weights.patch_embed.reshape(dims.hidden_size, -1).astype(np.float32)
-    x = g.op("MatMul", pixels, g.weight("patch_embed.proj.weight", np.ascontiguousarray(patch_w.T)))
+    x = g.linear(pixels, weights.patch_embed, "patch_embed.proj")
     x = _window_order(g, x, window_index, dims, dims.hidden_size)                    # [n, hidden]
 
     pos = g.op("Cast", _window_order(g, position_ids, window_index, dims, 2), to=F)  # [n, 2]
@@ -267,7 +278,7 @@ def build_graph(dims: VisionDims, weights: VisionWeights, blocks, out_dir: Path,
                  g.weight("rotary_pos_emb.inv_freq", inverse_frequencies(dims)))     # [n, 2, D/4]
     freqs = g.op("Reshape", freqs, g.const([-1, dims.head_dim // 2]))
     emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))     # [n, 1, D]
-    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+    cos, sin = g.to_compute(g.op("Cos", emb)), g.to_compute(g.op("Sin", emb))
 
     window_tokens = (dims.window_size // dims.patch_size) ** 2  # patches of a full window
     full, windows = _Segments(g, cu_seqlens, FULL_GROUP), _Segments(g, cu_window, WINDOW_GROUP)
@@ -284,11 +295,11 @@ def build_graph(dims: VisionDims, weights: VisionWeights, blocks, out_dir: Path,
             attn = _attention(g, q, k, v, full, dims, FULL_GROUP, FULL_CHUNK, f"{p}.attn")
         else:
             attn = _attention(g, q, k, v, windows, dims, WINDOW_GROUP, window_tokens, f"{p}.attn")
-        x = g.op("Add", x, g.linear(attn, block.proj, f"{p}.attn.proj"))
+        x = g.residual(x, g.linear(attn, block.proj, f"{p}.attn.proj"))
         h = g.rms_norm(x, block.norm2, RMS_EPS, f"{p}.norm2.weight")
         gate, up = g.linears(h, [block.gate_proj, block.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
-        x = g.op("Add", x, g.linear(g.op("Mul", _activation(g, gate, dims.hidden_act), up), block.down_proj,
-                                    f"{p}.mlp.down_proj"))
+        x = g.residual(x, g.linear(g.op("Mul", _activation(g, gate, dims.hidden_act), up), block.down_proj,
+                                   f"{p}.mlp.down_proj"))
         count += 1
         if on_block is not None:
             on_block(i)
@@ -305,5 +316,5 @@ def build_graph(dims: VisionDims, weights: VisionWeights, blocks, out_dir: Path,
                                            value=ir.tensor(np.zeros(1, np.int64))),
                    window_index, order, axis=0)
     out = g.op("Gather", merged, reverse, axis=0)
-    g.output(out, OUTPUT_NAME, F, ("merged", dims.out_hidden_size))
+    g.float_output(out, OUTPUT_NAME, ("merged", dims.out_hidden_size))
     return g.save()

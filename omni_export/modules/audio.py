@@ -1,6 +1,8 @@
 """The audio module: the thinker's audio encoder (``audio_tower``) as the ``audio_encoder`` graph.
 
-Recipe section ``modules.audio``: ``weights: float32`` (the only choice for now). The manifest's
+Recipe section ``modules.audio``: ``weights: float32 | float16 | int8`` (int8: every linear and
+convolution symmetric per output channel, activations ``dtype: float32 | float16``),
+``keep_fp32`` for a float16 graph (``norm``, ``softmax``, ``residual``). The manifest's
 ``config.audio`` block holds every constant the host needs to turn a waveform into the graph's
 inputs (``omni_runtime.media.audio_prep``): the Whisper feature extractor settings of
 ``preprocessor_config.json``, the chunk size (``n_window``) and the width of an audio token
@@ -16,7 +18,8 @@ from __future__ import annotations
 from omni_runtime.bundle.names import MODULE_GRAPHS
 
 from omni_export.checkpoint.reader import CheckpointError
-from omni_export.modules.base import BuildContext, Module, ModuleBuild, linear, weight_and_bias
+from omni_export.modules.base import (BuildContext, Module, ModuleBuild, channel_quantization, linear,
+                                      quantize_linear, weight_and_bias)
 
 PREFIXES = ("thinker.audio_tower.", "thinker.model.audio_tower.")  # transformers 4.5x, 5.x names
 #: AudioStem field -> checkpoint path (weight and bias each)
@@ -45,6 +48,9 @@ class AudioModule(Module):
     graphs = MODULE_GRAPHS[name]
     prefixes = PREFIXES
     linears = tuple(LAYER_LINEARS.values())
+    recipe_keys = ("weights", "dtype", "keep_fp32")
+    precisions = ("float32", "float16", "int8")
+    fp32_parts = ("norm", "softmax", "residual")
 
     # -- checks -----------------------------------------------------------------------------
     def required_tensors(self) -> list[str]:
@@ -116,8 +122,9 @@ class AudioModule(Module):
         d = self.dims()
         # The tower's buffer (not stored in checkpoints), computed by transformers' own code.
         positions = SinusoidsPositionEmbedding(d.max_source_positions, d.d_model).positional_embedding.numpy()
-        return AudioStem(linear(t, STEM["conv1"]), linear(t, STEM["conv2"]), positions,
-                         (t[f"{STEM['ln_post']}.weight"], t[f"{STEM['ln_post']}.bias"]), linear(t, STEM["proj"]))
+        q = lambda path: quantize_linear(linear(t, path), self.settings)  # noqa: E731
+        return AudioStem(q(STEM["conv1"]), q(STEM["conv2"]), positions,
+                         (t[f"{STEM['ln_post']}.weight"], t[f"{STEM['ln_post']}.bias"]), q(STEM["proj"]))
 
     def layer(self, i: int):
         from omni_export.export.audio_encoder import AudioLayer
@@ -128,7 +135,8 @@ class AudioModule(Module):
                   if f"{p}{path}.bias" in self.ckpt.tensor_names(self.prefixes)]
         t = self.arrays(names)
         norms = {field: (t[f"{p}{path}.weight"], t[f"{p}{path}.bias"]) for field, path in LAYER_NORMS.items()}
-        return AudioLayer(**norms, **{field: linear(t, p + path) for field, path in LAYER_LINEARS.items()})
+        return AudioLayer(**norms, **{field: quantize_linear(linear(t, p + path), self.settings)
+                                      for field, path in LAYER_LINEARS.items()})
 
     # -- build and verify -------------------------------------------------------------------
     def write(self, ctx: BuildContext) -> ModuleBuild:
@@ -141,10 +149,11 @@ class AudioModule(Module):
         def on_layer(i: int, offset: int) -> None:
             ctx.progress(f"audio encoder layer {i + 1}", i + 1, total)
 
+        s = self.settings
         graph = audio_encoder.build_graph(dims, self.stem(), (self.layer(i) for i in range(dims.encoder_layers)),
-                                          ctx.out_dir, on_layer=on_layer)
+                                          ctx.out_dir, on_layer=on_layer, dtype=s.dtype, keep_fp32=s.keep_fp32)
         ctx.progress("audio encoder done", total, total)
-        return ModuleBuild({audio_encoder.GRAPH_NAME: (graph, None)})
+        return ModuleBuild({audio_encoder.GRAPH_NAME: (graph, channel_quantization(s))})
 
     def verify(self, ctx):
         from omni_export.verify.checks import audio

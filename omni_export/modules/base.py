@@ -65,6 +65,14 @@ class Module:
     precisions: ClassVar[tuple[str, ...]] = ("float32",)
     #: ``weights`` values the recipe schema knows that this module will build later: value -> why not yet
     planned: ClassVar[dict[str, str]] = {}
+    #: the quantization methods of its int weights (recipe ``method``)
+    methods: ClassVar[tuple[str, ...]] = ("rtn",)
+    #: the float types its graphs compute in (recipe ``dtype``)
+    dtypes: ClassVar[tuple[str, ...]] = ("float32", "float16")
+    #: the parts of its float16 graphs that can be kept in float32 (recipe ``keep_fp32``), and the
+    #: ones kept by default (chosen by measurement: recipes/README.md)
+    fp32_parts: ClassVar[tuple[str, ...]] = ()
+    default_keep_fp32: ClassVar[tuple[str, ...]] = ()
     #: checkpoint prefix of its tensors, one per layout (transformers 4.5x, 5.x); local names follow it
     prefixes: ClassVar[tuple[str, ...]]
     #: local path of its block list: ``keep_float`` names are ``<layer_prefix>.<i>.<linear>``
@@ -145,6 +153,32 @@ class Module:
     def verify(self, ctx) -> ModuleReport:
         """Compare the bundle's graphs of this module with transformers (``omni_export.verify.checks``)."""
         raise NotImplementedError
+
+
+def quantize_linear(linear, settings):
+    """``linear`` (float) as the recipe's ``weights`` store it: int8 symmetric per output channel
+    (``quant.rtn.quantize_channels``) for ``int8``, unchanged otherwise (float weights are cast by
+    the graph builder as they are written)."""
+    if settings.weights != "int8":
+        return linear
+    from omni_export.export.onnx_graph import Linear
+    from omni_export.quant.rtn import quantize_channels
+
+    return Linear(quantize_channels(linear.weight), linear.bias)
+
+
+def channel_quantization(settings) -> dict | None:
+    """The manifest ``quantization`` block of a graph whose linears / convolutions are int8 per
+    output channel (``quantize_linear``), None for float weights."""
+    if settings.weights != "int8":
+        return None
+    return {"weights": "int8", "method": "rtn", "granularity": "channel", "symmetric": True,
+            "accuracy_level": INT8_ACCURACY_LEVEL, "emit": "qdq"}
+
+
+#: MatMulNBits accuracy level of the int8 weight-only graphs (onnxruntime fuses their
+#: DequantizeLinear + MatMul pairs into MatMulNBits with 8 bits): measured, recipes/README.md.
+INT8_ACCURACY_LEVEL = 4
 
 
 def linear(tensors: dict[str, np.ndarray], path: str):

@@ -1,7 +1,13 @@
 """The talker module: codec embedding graph + KV-cached talker decoder (speech codes from the thinker).
 
-Recipe section ``modules.talker``: ``weights: float32`` (the only choice for now). The decoder
-layers are read one at a time and written to the graph's external data.
+Recipe section ``modules.talker``: ``weights: float32 | float16 | int8 | int4`` with ``dtype``
+(activations: float32 | float16; a float16 decoder has a float16 KV cache, ``config.talker.kv_dtype``)
+and ``keep_fp32`` (``norm``). int8: every linear symmetric per output channel, the codec table
+int8 per row. int4: the decoder layers' linears block-wise round-to-nearest (``method: rtn``,
+``group_size``, ``symmetric``, ``keep_float`` as the thinker's), ``thinker_to_talker_proj``, the
+codec head and the codec table int8 per channel (the head picks every code: measured in
+recipes/README.md). The decoder layers are read one at a time and written to the graph's
+external data.
 
 A checkpoint without a talker, i.e. ``enable_audio_output: false`` in config.json or no
 ``talker.*`` tensors at all, builds a text-only bundle: ``skip_reason()`` says why and ``build``
@@ -25,7 +31,7 @@ from omni_runtime.bundle.names import MODULE_GRAPHS
 
 from omni_export.checkpoint.reader import CheckpointError
 from omni_export.export.decoder_weights import LINEARS, DecoderWeights
-from omni_export.modules.base import BuildContext, Module, ModuleBuild
+from omni_export.modules.base import BuildContext, Module, ModuleBuild, channel_quantization, quantize_linear
 
 #: ``Qwen2_5OmniForConditionalGeneration.generate``'s talker defaults (transformers 5,
 #: modeling_qwen2_5_omni.py): talker_do_sample, talker_top_k, talker_top_p, talker_temperature,
@@ -49,6 +55,9 @@ class TalkerModule(Module):
     layer_prefix = "model.layers"
     linears = tuple(LINEARS.values())
     missing_fix = NO_TALKER_FIX
+    recipe_keys = ("weights", "dtype", "keep_fp32", "method", "group_size", "symmetric", "keep_float")
+    precisions = ("float32", "float16", "int8", "int4")
+    fp32_parts = ("norm",)
 
     def _config(self):
         return self.ckpt.config.talker_config
@@ -77,9 +86,12 @@ class TalkerModule(Module):
                                   fix="the talker does not belong to this thinker: use the original config.json")
 
     def dims(self):
+        import dataclasses
+
         from omni_export.export.talker_decoder import talker_dims
 
-        return talker_dims(self._config())
+        # a float16 decoder's KV cache is float16 (decoder_graph.build_decoder_graph)
+        return dataclasses.replace(talker_dims(self._config()), kv_dtype=self.settings.dtype)
 
     def memory_estimate(self) -> int:
         """The codec table and one decoder layer in float32 a few times over, plus a margin."""
@@ -108,30 +120,84 @@ class TalkerModule(Module):
             "sampling": dict(SAMPLING_DEFAULTS),
         }
 
+    def _int8(self, linear):
+        """A linear outside the int4 layers: int8 per output channel when the weights are int."""
+        s = self.settings
+        return quantize_linear(linear, s) if s.weights == "int8" else \
+            quantize_linear(linear, _INT8) if s.weights == "int4" else linear
+
+    def _layer(self, i: int, layer):
+        """Decoder layer ``i`` as the recipe stores it (float, int8 per channel or int4 blocks)."""
+        from omni_export.export.onnx_graph import Linear
+        from omni_export.quant import rtn
+
+        s = self.settings
+        for field, path in LINEARS.items():
+            linear = getattr(layer, field)
+            if s.weights == "int8":
+                setattr(layer, field, quantize_linear(linear, s))
+            elif s.weights == "int4" and not s.keeps_float(f"{self.layer_prefix}.{i}.{path}"):
+                setattr(layer, field, Linear(rtn.quantize_rows(linear.weight, s.group_size, bits=4,
+                                                               symmetric=s.symmetric), linear.bias))
+        return layer
+
+    def quantization(self) -> dict | None:
+        """The decoder graph's manifest ``quantization`` block (None for float weights)."""
+        s = self.settings
+        if s.weights == "int4":
+            return {"weights": "int4", "method": s.method, "granularity": "block", "group_size": s.group_size,
+                    "symmetric": s.symmetric, "accuracy_level": INT4_ACCURACY_LEVEL, "emit": "qdq",
+                    "lm_head": "int8", "keep_float": list(s.keep_float)}
+        return channel_quantization(s)
+
     def write(self, ctx: BuildContext) -> ModuleBuild:
         from omni_export.export import talker_decoder
+        from omni_export.quant.rtn import quantize_channels
 
+        s = self.settings
         weights = self.weights()
         dims = self.dims()
         total = dims.num_hidden_layers + 2
         ctx.progress("talker codec embedding", 0, total)
-        embedding = talker_decoder.build_embedding_graph(weights.codec_embedding(), ctx.out_dir)
+        table = weights.codec_embedding()
+        embedding = talker_decoder.build_embedding_graph(quantize_channels(table) if s.quantized else table,
+                                                         ctx.out_dir, dtype=s.dtype)
+        del table
         ctx.progress("talker decoder layer 1", 1, total)
 
         def on_layer(i: int, offset: int) -> None:
             ctx.progress(f"talker decoder layer {i + 2}" if i + 1 < dims.num_hidden_layers else "talker codec head",
                          i + 2, total)
 
-        decoder = talker_decoder.build_graph(dims, weights.float_layers(), weights.final_norm(), weights.codec_head,
-                                             ctx.out_dir, on_layer=on_layer, input_proj=weights.input_proj(),
-                                             input_width=int(self._config().embedding_size))
+        layers = (self._layer(i, weights.float_layer(i)) for i in range(weights.num_layers))
+        decoder = talker_decoder.build_graph(dims, layers, weights.final_norm(),
+                                             lambda: self._int8(weights.codec_head()), ctx.out_dir,
+                                             accuracy_level=INT4_ACCURACY_LEVEL, on_layer=on_layer,
+                                             input_proj=self._int8(weights.input_proj()),
+                                             input_width=int(self._config().embedding_size), dtype=s.dtype,
+                                             keep_fp32=s.keep_fp32)
         ctx.progress("talker done", total, total)
-        return ModuleBuild({talker_decoder.EMBEDDING_GRAPH_NAME: (embedding, None),
-                            talker_decoder.GRAPH_NAME: (decoder, None)})
+        embed_quant = None if not s.quantized else {"weights": "int8", "method": "rtn", "granularity": "channel",
+                                                    "symmetric": True}
+        return ModuleBuild({talker_decoder.EMBEDDING_GRAPH_NAME: (embedding, embed_quant),
+                            talker_decoder.GRAPH_NAME: (decoder, self.quantization())})
 
     def verify(self, ctx):
         from omni_export.verify.checks import talker
         return talker.verify(self, ctx)
+
+
+#: MatMulNBits accuracy level of the int4 talker (the thinker's int4 recipes use 4 too)
+INT4_ACCURACY_LEVEL = 4
+
+
+class _Int8:
+    """The settings ``quantize_linear`` reads, for the int8 linears of an int4 talker."""
+
+    weights = "int8"
+
+
+_INT8 = _Int8()
 
 
 class TalkerWeights(DecoderWeights):

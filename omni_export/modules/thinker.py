@@ -2,7 +2,10 @@
 
 Recipe section ``modules.thinker`` (every key of ``omni_export.build.recipes.KEYS``) decides the weights:
 
-- ``weights: float32``: the checkpoint's weights in float32;
+- ``weights: float32`` / ``float16``: the checkpoint's weights in that type (a float16 decoder
+  computes in float16 with a float16 KV cache, ``config.thinker.kv_dtype``; ``keep_fp32: [norm]``
+  keeps its RMSNorms and residual stream in float32);
+- ``dtype: float16`` with int4 weights: float16 activations, scales and KV cache (the cuda target);
 - ``weights: int4, method: rtn``: block-wise round-to-nearest int4 per linear;
 - ``weights: int4, method: awq``: activation-aware scales searched on calibration data, folded
   into the preceding norm / linear, then clipping search and int4 (``omni_export.quant.awq``);
@@ -51,9 +54,10 @@ class ThinkerModule(Module):
     description = "the thinker's text decoder, with its token embeddings and lm_head"
     graphs = MODULE_GRAPHS[name]
     recipe_keys = tuple(KEYS)
-    precisions = ("float32", "int4")
-    planned = {"float16": "float16 is not built yet (it arrives with the GPU recipes)",
-               "int8": "int8 weights arrive with the w8a8 recipe"}
+    precisions = ("float32", "float16", "int4")
+    planned = {"int8": "int8 weights arrive with the w8a8 recipe"}
+    methods = ("rtn", "awq")
+    fp32_parts = ("norm",)
     prefixes = ("thinker.model.language_model.", "thinker.model.")  # transformers 5.x, 4.5x
     linears = tuple(LINEARS.values())
 
@@ -64,9 +68,12 @@ class ThinkerModule(Module):
         return self.ckpt.autoawq is not None and self.settings.quantized
 
     def dims(self) -> TextDims:
+        import dataclasses
+
         from omni_export.export.decoder_graph import TextDims
 
-        return TextDims.from_config(self.ckpt.text_config())
+        # a float16 decoder's KV cache is float16 (decoder_graph.build_decoder_graph)
+        return dataclasses.replace(TextDims.from_config(self.ckpt.text_config()), kv_dtype=self.settings.dtype)
 
     def memory_estimate(self) -> int:
         """One layer in float32 several times over (checkpoint read, torch module, quantized copy,
@@ -223,7 +230,7 @@ class ThinkerModule(Module):
         total = dims.num_hidden_layers + 2
         ctx.progress("thinker embedding", 0, total)
         table = self._table("embeddings", weights.embedding)
-        embedding = thinker_embedding.build_graph(table, ctx.out_dir)
+        embedding = thinker_embedding.build_graph(table, ctx.out_dir, dtype=s.dtype)
         embed_bytes = int(table.nbytes)
         del table
         ctx.progress("thinker decoder layer 1", 1, total)
@@ -243,7 +250,7 @@ class ThinkerModule(Module):
 
         decoder = thinker_decoder.build_graph(dims, self._layers(weights, awq_stats), weights.final_norm(), lm_head,
                                               ctx.out_dir, emit=s.emit, accuracy_level=s.accuracy_level,
-                                              on_layer=on_layer)
+                                              on_layer=on_layer, dtype=s.dtype, keep_fp32=s.keep_fp32)
         ctx.progress("thinker done", total, total)
         quant = None
         if s.quantized:

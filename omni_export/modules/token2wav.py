@@ -1,8 +1,11 @@
 """The token2wav module: the DiT (codes -> mel) and BigVGAN (mel -> waveform) graphs and the speakers.
 
-Recipe section ``modules.token2wav``: ``weights: float32`` (the only choice: transformers runs
-token2wav in float32 too). The DiT's decoder layers are read one at a time and written to the
-graph's external data.
+Recipe section ``modules.token2wav``: ``weights: float32 | float16 | int8`` (transformers runs
+token2wav in float32; int8: the DiT's linears and the BigVGAN's convolutions symmetric per
+output channel, activations ``dtype: float32 | float16``), ``keep_fp32`` for a float16 graph
+(``norm``, ``softmax``, ``residual``: the DiT's norms, attention softmax and residual stream, the
+BigVGAN's AMP residual streams). The DiT's decoder layers are read one at a time and written to
+the graph's external data. The speaker encoder runs at build time in float32 whatever the recipe.
 
 Speakers come from the checkpoint's ``spk_dict.pt``, read with ``torch.load(weights_only=True)``
 (no arbitrary unpickling) and written as plain ``.npy`` files (``numpy.load(allow_pickle=False)``
@@ -35,7 +38,8 @@ import numpy as np
 from omni_runtime.bundle.names import MODULE_GRAPHS
 
 from omni_export.checkpoint.reader import CheckpointError
-from omni_export.modules.base import BuildContext, Module, ModuleBuild, linear, weight_and_bias
+from omni_export.modules.base import (BuildContext, Module, ModuleBuild, channel_quantization, linear,
+                                      quantize_linear, weight_and_bias)
 from omni_export.modules.talker import TalkerModule, no_speech_reason
 
 PREFIX = "token2wav."
@@ -100,6 +104,9 @@ class Token2WavModule(Module):
     linears = tuple(LAYER_LINEARS.values())
     requires = ("talker",)  # codes come from the talker: no talker, no speech
     missing_fix = TalkerModule.missing_fix  # or a text-only bundle, as without a talker
+    recipe_keys = ("weights", "dtype", "keep_fp32")
+    precisions = ("float32", "float16", "int8")
+    fp32_parts = ("norm", "softmax", "residual")
 
     def __init__(self, ckpt, settings, **kwargs):
         super().__init__(ckpt, settings, **kwargs)
@@ -239,14 +246,16 @@ class Token2WavModule(Module):
         from omni_export.export.token2wav_dit import DiTWeights
 
         t = self.arrays(DIT_TENSORS, self.dit_prefixes)
-        return DiTWeights(codec_embed=t[CODEC_EMBED], **{field: linear(t, p) for field, p in DIT_LINEARS.items()})
+        return DiTWeights(codec_embed=t[CODEC_EMBED],
+                          **{field: quantize_linear(linear(t, p), self.settings) for field, p in DIT_LINEARS.items()})
 
     def dit_layer(self, i: int):
         from omni_export.export.token2wav_dit import DiTLayer
 
         p = f"{self.layer_prefix}.{i}."
         t = self.arrays([p + n for n in LAYER_TENSORS], self.dit_prefixes)
-        return DiTLayer(**{field: linear(t, p + path) for field, path in LAYER_LINEARS.items()})
+        return DiTLayer(**{field: quantize_linear(linear(t, p + path), self.settings)
+                           for field, path in LAYER_LINEARS.items()})
 
     def bigvgan_weights(self):
         from omni_export.export.token2wav_bigvgan import AMPBlock, BigVGANWeights, Conv, Snake
@@ -254,8 +263,15 @@ class Token2WavModule(Module):
         v = self.bigvgan_dims()
         t = self.arrays(None, self.bigvgan_prefixes)
 
-        def conv(name: str) -> Conv:
-            return Conv(t[f"{name}.weight"], t.get(f"{name}.bias"))
+        int8 = self.settings.weights == "int8"
+
+        def conv(name: str, transposed: bool = False) -> Conv:
+            from omni_export.quant.rtn import quantize_channels
+
+            weight = t[f"{name}.weight"]
+            if int8:  # per output channel: axis 0 of a Conv1d, axis 1 of a ConvTranspose1d
+                weight = quantize_channels(np.swapaxes(weight, 0, 1) if transposed else weight)
+            return Conv(weight, t.get(f"{name}.bias"))
 
         def snake(name: str) -> Snake:
             return Snake(t[f"{name}.act.alpha"], t[f"{name}.act.beta"])
@@ -264,8 +280,8 @@ class Token2WavModule(Module):
                            [conv(f"resblocks.{r}.convs2.{i}") for i in range(3)],
                            [snake(f"resblocks.{r}.activations.{i}") for i in range(6)])
                   for r in range(len(v.upsample_rates) * len(v.resblock_kernel_sizes))]
-        return BigVGANWeights(conv("conv_pre"), [conv(f"ups.{i}.0") for i in range(len(v.upsample_rates))], blocks,
-                              snake("activation_post"), conv("conv_post"))
+        return BigVGANWeights(conv("conv_pre"), [conv(f"ups.{i}.0", True) for i in range(len(v.upsample_rates))],
+                              blocks, snake("activation_post"), conv("conv_post"))
 
     def speaker_encodings(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per speaker, the DiT speaker encoder's output for its reference mel and for a zero mel of the
@@ -310,11 +326,14 @@ class Token2WavModule(Module):
             ctx.progress(f"token2wav DiT layer {i + 2}" if i + 1 < d.num_hidden_layers else "token2wav BigVGAN",
                          i + 2, total)
 
+        s = self.settings
         dit = token2wav_dit.build_graph(d, self.dit_weights(), (self.dit_layer(i) for i in range(d.num_hidden_layers)),
-                                        ctx.out_dir, on_layer=on_layer)
-        bigvgan = token2wav_bigvgan.build_graph(self.bigvgan_dims(), self.bigvgan_weights(), ctx.out_dir)
+                                        ctx.out_dir, on_layer=on_layer, dtype=s.dtype, keep_fp32=s.keep_fp32)
+        bigvgan = token2wav_bigvgan.build_graph(self.bigvgan_dims(), self.bigvgan_weights(), ctx.out_dir,
+                                                dtype=s.dtype, keep_fp32=tuple(p for p in s.keep_fp32 if p == "residual"))
         ctx.progress("token2wav done", total, total)
-        return ModuleBuild({token2wav_dit.GRAPH_NAME: (dit, None), token2wav_bigvgan.GRAPH_NAME: (bigvgan, None)})
+        quant = channel_quantization(s)
+        return ModuleBuild({token2wav_dit.GRAPH_NAME: (dit, quant), token2wav_bigvgan.GRAPH_NAME: (bigvgan, quant)})
 
     def verify(self, ctx):
         from omni_export.verify.checks import token2wav

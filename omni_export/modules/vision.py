@@ -1,6 +1,8 @@
 """The vision module: the thinker's vision encoder (images and videos) as one graph.
 
-Recipe section ``modules.vision``: ``weights: float32`` (the only choice for now). The blocks are
+Recipe section ``modules.vision``: ``weights: float32 | float16 | int8`` (int8: every linear,
+the patch embedding included, symmetric per output channel, activations ``dtype: float32 |
+float16``), ``keep_fp32`` for a float16 graph (``norm``, ``softmax``, ``residual``). The blocks are
 read from the checkpoint one at a time and written to the graph's external data. Checkpoint
 names: ``STEM`` and ``blocks.<i>.`` + ``BLOCK_NORMS`` / ``BLOCK_LINEARS`` under ``PREFIXES``.
 
@@ -15,7 +17,8 @@ from __future__ import annotations
 from omni_runtime.bundle.names import MODULE_GRAPHS
 
 from omni_export.checkpoint.reader import CheckpointError
-from omni_export.modules.base import BuildContext, Module, ModuleBuild, linear, weight_and_bias
+from omni_export.modules.base import (BuildContext, Module, ModuleBuild, channel_quantization, linear,
+                                      quantize_linear, weight_and_bias)
 
 PREFIXES = ("thinker.visual.", "thinker.model.visual.")  # 4.5x checkpoints, transformers 5 names
 #: VisionWeights field -> checkpoint path: the patch embedding and merger norm (weight), the merger's linears
@@ -57,6 +60,9 @@ class VisionModule(Module):
     prefixes = PREFIXES
     layer_prefix = "blocks"
     linears = tuple(BLOCK_LINEARS.values())
+    recipe_keys = ("weights", "dtype", "keep_fp32")
+    precisions = ("float32", "float16", "int8")
+    fp32_parts = ("norm", "softmax", "residual")
 
     def dims(self):
         from omni_export.export.vision_encoder import VisionDims
@@ -138,20 +144,26 @@ class VisionModule(Module):
         p = f"blocks.{i}."
         t = self.arrays([p + n for n in BLOCK_TENSORS])
         return VisionBlock(**{field: t[f"{p}{path}.weight"] for field, path in BLOCK_NORMS.items()},
-                           **{field: linear(t, p + path) for field, path in BLOCK_LINEARS.items()})
+                           **{field: quantize_linear(linear(t, p + path), self.settings)
+                              for field, path in BLOCK_LINEARS.items()})
 
     def write(self, ctx: BuildContext) -> ModuleBuild:
         from omni_export.export import vision_encoder
+        from omni_export.export.onnx_graph import Linear
 
         dims = self.dims()
         t = self.arrays(STEM_TENSORS)
-        weights = vision_encoder.VisionWeights(**{field: t[f"{path}.weight"] for field, path in STEM.items()},
-                                               **{field: linear(t, path) for field, path in STEM_LINEARS.items()})
+        s = self.settings
+        patch = Linear(t[f"{STEM['patch_embed']}.weight"].reshape(dims.hidden_size, -1))
+        weights = vision_encoder.VisionWeights(
+            patch_embed=quantize_linear(patch, s), merger_norm=t[f"{STEM['merger_norm']}.weight"],
+            **{field: quantize_linear(linear(t, path), s) for field, path in STEM_LINEARS.items()})
         ctx.progress("vision encoder", 0, dims.depth)
         graph = vision_encoder.build_graph(
             dims, weights, (self._block(i) for i in range(dims.depth)), ctx.out_dir,
-            on_block=lambda i: ctx.progress(f"vision block {i + 1}", i + 1, dims.depth))
-        return ModuleBuild({vision_encoder.GRAPH_NAME: (graph, None)})
+            on_block=lambda i: ctx.progress(f"vision block {i + 1}", i + 1, dims.depth), dtype=s.dtype,
+            keep_fp32=s.keep_fp32)
+        return ModuleBuild({vision_encoder.GRAPH_NAME: (graph, channel_quantization(s))})
 
     def verify(self, ctx):
         from omni_export.verify.checks import vision

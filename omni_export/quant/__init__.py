@@ -2,7 +2,8 @@
 module or graph (the thinker module streams its layers through these functions).
 
 * :mod:`.types`: :class:`QuantWeight`, the canonical block-quantized weight;
-* :mod:`.rtn`: round-to-nearest (AutoAWQ's formulas), with optional AWQ clipping;
+* :mod:`.rtn`: round-to-nearest (AutoAWQ's formulas), with optional AWQ clipping; symmetric
+  per-output-channel int8 (:class:`~.types.ChannelQuantWeight`, weight-only int8 of the float modules);
 * :mod:`.packing`: ONNX Runtime MatMulNBits, ONNX blocked DequantizeLinear (uint4), AutoAWQ GEMM;
 * :mod:`.awq`: activation-aware scale and clip search for one decoder layer (torch).
 
@@ -10,6 +11,6 @@ Only :mod:`.awq` imports torch at import time. AutoAWQ checkpoints are read by
 ``omni_export.checkpoint.autoawq``.
 """
 
-from omni_export.quant.types import QuantWeight
+from omni_export.quant.types import ChannelQuantWeight, QuantWeight
 
-__all__ = ["QuantWeight"]
+__all__ = ["ChannelQuantWeight", "QuantWeight"]

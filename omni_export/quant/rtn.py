@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from omni_export.quant.types import SUPPORTED_BITS, QuantWeight, n_blocks
+from omni_export.quant.types import SUPPORTED_BITS, ChannelQuantWeight, QuantWeight, n_blocks
 
-__all__ = ["check_group_size", "quantize", "quantize_rows"]
+__all__ = ["check_group_size", "quantize", "quantize_channels", "quantize_rows"]
 
 #: Rows quantized at a time by :func:`quantize_rows`.
 ROWS_PER_SLICE = 8192
@@ -109,3 +109,25 @@ def quantize_rows(weight: np.ndarray, group_size: int, bits: int = 4, symmetric:
         return parts[0]
     return QuantWeight(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
                        np.concatenate([p.zeros for p in parts]), parts[0].group_size, bits)
+
+
+def quantize_channels(weight: np.ndarray, bits: int = 8) -> ChannelQuantWeight:
+    """Symmetric round-to-nearest per output channel (axis 0), weight-only int8.
+
+    ``scale[n] = max(absmax(w[n]), 1e-8) / (2**(bits-1) - 1)``, ``q = round(w / scale)`` (half to
+    even, float32), so ``q`` is in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``: the range is
+    symmetric and the zero point is 0. Works for any rank >= 2 (linears [N, K], convolutions
+    [out, in, k])."""
+    if bits != 8:
+        raise ValueError(f"per-channel quantization stores int8 levels, got bits={bits!r}")
+    w = np.asarray(weight)
+    if w.ndim < 2 or 0 in w.shape:
+        raise ValueError(f"weight must be a non-empty array of rank >= 2 [out, ...], got shape {w.shape}")
+    w = w.astype(np.float32, copy=False)
+    if not np.isfinite(w).all():
+        raise ValueError("weight contains NaN or infinity")
+    top = (1 << (bits - 1)) - 1
+    absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    scales = (np.maximum(absmax, np.float32(1e-8)) / np.float32(top)).astype(np.float32)
+    q = np.clip(np.round(w / scales.reshape((-1,) + (1,) * (w.ndim - 1))), -top, top).astype(np.int8)
+    return ChannelQuantWeight(q=q, scales=scales, bits=bits)

@@ -88,3 +88,28 @@ class QuantWeight:
             and self.scales.shape == other.scales.shape
             and np.array_equal(self.scales.view(np.uint32), other.scales.view(np.uint32))
         )
+
+
+@dataclass
+class ChannelQuantWeight:
+    """Symmetric per-output-channel quantized weight (int8 weight-only).
+
+    ``q`` int8 with the float weight's shape (axis 0 = output channel: a ``nn.Linear.weight``
+    [N, K] or a convolution's [out, in, k]), ``scales`` float32 [N]: ``w = q * scales[n]``, no zero
+    point (ONNX ``DequantizeLinear`` with an int8 input and per-axis scale)."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    bits: int = 8
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.nbytes + self.scales.nbytes)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 weight of the same shape: ``q * scales`` broadcast along axis 0."""
+        return self.q.astype(np.float32) * self.scales.reshape((-1,) + (1,) * (self.q.ndim - 1))

@@ -37,6 +37,8 @@ class VerifyContext:
     prompts: int | None = None
     tokens: int | None = None
     say: Callable[[str], None] = lambda description: None  # progress: what runs now
+    #: which of a check's sample input sizes to use (0: verify's; 1: a second size, for the parity tests)
+    shape: int = 0
 
     def rng(self) -> np.random.Generator:
         """A fresh generator seeded with ``seed``: a check draws the same inputs whatever ran before it."""

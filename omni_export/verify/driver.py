@@ -21,7 +21,9 @@ Reported (``verify_bundle``)::
      "bundle", "model", "recipe", "seconds", "settings"}
 
 ``graphs`` holds every module's graphs (``ModuleReport.graphs``; ``rel_rms = rms(bundle - ref) /
-rms(ref)``), a module's summary (``ModuleReport.summary``: the thinker's teacher-forced
+rms(ref)``; each with its ``dtype`` and ``runs_on``: a float16 graph runs on onnxruntime's CPU
+provider with the float32 Casts onnxruntime inserts where it lacks float16 kernels, listed in
+``cpu_float32_ops``), a module's summary (``ModuleReport.summary``: the thinker's teacher-forced
 distributions) stands under the module's name, and ``settings`` holds the counts asked, each
 check's own constants and the seed.
 """
@@ -92,12 +94,15 @@ def _run_checks(manifest, ckpt: Checkpoint, scale: float, progress: Progress | N
                 prompts: int | None = None, tokens: int | None = None) -> tuple[dict, dict, dict]:
     """(graphs, {module name: summary}, settings) of every registered module the bundle has
     graphs of, in registry order, one module at a time."""
-    from omni_runtime.bundle.sessions import CPU, SessionPool
+    from omni_runtime.bundle.sessions import CPU, SessionPool, SessionSettings
 
     from omni_export.modules import REGISTRY
 
     classes = [cls for cls in REGISTRY.values() if any(name in manifest.graphs for name in cls.graphs)]
-    pool = SessionPool(manifest, [CPU])
+    # A float16 graph runs on onnxruntime's CPU provider too: the nodes without a float16 CPU kernel
+    # through Casts onnxruntime inserts (float32 compute, float16 weights and storage between
+    # them). verify says so per graph (``runs_on``), never silently.
+    pool = SessionPool(manifest, [CPU], SessionSettings(allow_cpu_casts=True))
     shared = VerifyContext(manifest, ckpt, pool, scale, SEED, prompts, tokens)
     graphs, summaries, settings = {}, {}, {}
     try:
@@ -108,13 +113,32 @@ def _run_checks(manifest, ckpt: Checkpoint, scale: float, progress: Progress | N
             del module, ctx
             pool.release_all()
             gc.collect()  # drop the reference module before the next one is read
-            graphs.update(report.graphs)
+            for name, entry in report.graphs.items():
+                graphs[name] = {**entry, **_how_run(manifest, name)}
             if report.summary is not None:
                 summaries[cls.name] = report.summary
             settings.update(report.settings)
     finally:
         pool.release_all()
     return graphs, summaries, settings
+
+
+def _how_run(manifest, name: str) -> dict:
+    """What a graph's figures mean: its ``dtype`` and where it ran (``runs_on``): onnxruntime's
+    CPU provider, for a float16 graph with the float32 Casts onnxruntime inserts before the
+    nodes it has no float16 CPU kernel for (``omni_export.verify.precision.cpu_casts``)."""
+    spec = manifest.graphs.get(name)
+    if spec is None:
+        return {}
+    out = {"dtype": spec.dtype, "runs_on": "onnxruntime-cpu"}
+    if spec.dtype == "float16":
+        from omni_export.verify.precision import cpu_casts
+
+        ops = cpu_casts(manifest.path(spec.file))
+        if ops:
+            out["runs_on"] = "onnxruntime-cpu, float32 casts inserted"
+            out["cpu_float32_ops"] = ops
+    return out
 
 
 def _say(progress: Progress | None, done: int, total: int) -> Callable[[str], None]:

@@ -42,8 +42,23 @@ def run_decoder(pool, name: str, embeds: np.ndarray, positions: np.ndarray,
     from omni_runtime.stages.kv_decoder import KVDecoder
 
     try:
-        decoder = KVDecoder(pool.get(name), pool.manifest.graph(name), import_onnxruntime())
+        session = pool.get(name)
+        if not hasattr(session, "io_binding"):  # onnx.reference (omni_export.verify.precision): plain feeds
+            return _run_decoder_feeds(session, pool.manifest.graph(name), embeds, positions)
+        decoder = KVDecoder(session, pool.manifest.graph(name), import_onnxruntime())
         return decoder.step(decoder.new_cache(embeds.shape[1]), embeds, positions, want_hidden=True)
     finally:
         if release:
             pool.release(name)
+
+
+def _run_decoder_feeds(session, spec, embeds: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One prefill through a KV decoder graph with empty past arrays (a session without IO binding)."""
+    seq = embeds.shape[1]
+    feeds = {"inputs_embeds": embeds, "position_ids": positions,
+             "seqlens_k": np.array([seq - 1], np.int32), "total_sequence_length": np.array(seq, np.int32)}
+    for t in spec.inputs:
+        if t.name.startswith("past_key_values."):
+            feeds[t.name] = np.zeros((1, int(t.shape[1]), 0, int(t.shape[3])), dtype=np.dtype(t.dtype))
+    outputs = dict(zip([t.name for t in spec.outputs], session.run(None, feeds)))
+    return outputs["logits"][0, -1], outputs["last_hidden_state"]

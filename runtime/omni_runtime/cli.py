@@ -3,7 +3,8 @@
     omni-runtime run BUNDLE --prompt TEXT [--audio F]... [--image F]... [--video F]...
                  [--use-audio-in-video] [--video-fps FPS] [--system TEXT] [--max-new-tokens N]
                  [--greedy | --sample] [--temperature T] [--top-k K] [--top-p P]
-                 [--repetition-penalty R] [--seed S] [--device auto|cpu|cuda] [--json]
+                 [--repetition-penalty R] [--seed S] [--device auto|cpu|cuda]
+                 [--memory lazy|resident|BYTES] [--json]
                  [--wav OUT [--speaker NAME] [--stream-audio] [--max-speech-seconds S]]
 
 ``omni-export run`` is this same command (it calls :func:`run_main`). Errors are OmniErrors
@@ -47,6 +48,7 @@ FLAGS = {
     "video_fps": "--video-fps",
     "speaker": "--speaker",
     "max_speech_seconds": "--max-speech-seconds",
+    "memory": "--memory",
 }
 # Names translated wherever they appear as a word; "seed", "device" and "speaker" only when the
 # error is about that parameter (``exc.param``); "prompt" and "system" never (plain English words).
@@ -93,6 +95,14 @@ speech:
   slightly). token2wav's initial noise is drawn from --seed (0 without it), so the same
   command gives the same audio. --max-speech-seconds S stops the talker after S seconds of
   codes (a random talker never says its stop code; a real one can ramble).
+
+memory:
+  --memory lazy (default) creates each graph's session when a stage needs it and frees it
+  after the stage: the encoders after the prefill, the thinker after its text, the talker and
+  token2wav after the speech. --memory resident keeps every session once created. A byte
+  budget (6GB, 6.5GiB, 800MB or a number of bytes; a session counts its graph's file bytes)
+  keeps sessions while they fit and evicts the least recently used idle one; a budget smaller
+  than the largest stage the request needs is an error naming that stage and its size.
 
 output:
   The answer is streamed to stdout. --json prints one JSON object instead: text, prompt_ids,
@@ -175,6 +185,7 @@ class RunOptions:
     speaker: str | None = None  # None: the bundle's default speaker
     stream_audio: bool = False
     max_speech_seconds: float | None = None
+    memory: str = "lazy"  # session policy: lazy, resident or a byte budget
 
     @property
     def has_media(self) -> bool:
@@ -203,6 +214,9 @@ def check_run_options(opts: RunOptions) -> None:
         raise InputError("--use-audio-in-video needs a --video", fix="add --video FILE, or drop --use-audio-in-video")
     if opts.video_fps is not None and not opts.video:
         raise InputError("--video-fps needs a --video", fix="add --video FILE, or drop --video-fps")
+    from omni_runtime.bundle.memory import MemoryPolicy
+
+    MemoryPolicy.parse(opts.memory)
     if opts.wav is None:
         for flag, value in (("--speaker", opts.speaker), ("--stream-audio", opts.stream_audio),
                             ("--max-speech-seconds", opts.max_speech_seconds)):
@@ -308,7 +322,7 @@ def run_chat(opts: RunOptions, stdout: TextIO | None = None):
     request = chat_request(opts)  # every value checked before the bundle is opened
     if opts.wav is not None:
         _import_soundfile()
-    runner = OmniRunner(opts.bundle, device=opts.device)
+    runner = OmniRunner(opts.bundle, device=opts.device, memory=opts.memory)
     if opts.wav is not None and not runner.has_speech:
         raise BundleError("this bundle has no speech output (no talker or token2wav graphs), so --wav cannot be "
                           "written", path=runner.manifest.manifest_path,
@@ -396,6 +410,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_integer, metavar="S", help="sampling seed (implies --sample)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto (CUDA when available), cpu or cuda (default: auto)")
+    parser.add_argument("--memory", metavar="POLICY", default="lazy",
+                        help="session memory policy: lazy (free each stage's sessions after it), resident (keep "
+                             "them) or a byte budget such as 6GB, 6.5GiB, 800MB (default: lazy)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (text, prompt_ids, token_ids, finish_reason; media token "
                              "counts with media; codes, first_audio_seconds, audio_seconds, wav with --wav)")

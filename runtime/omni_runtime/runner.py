@@ -20,8 +20,13 @@ default ``max_new_tokens`` is clamped to what fits instead (``finish_reason`` is
 expanded prompt (one position per audio, image and video token).
 
 Media are decoded and their token counts known before any graph runs; the audio and vision
-encoder sessions are created only when a request has that modality and released before the
-thinker decodes (``omni_runtime.prompt.media_prompt``).
+encoder sessions are created only when a request has that modality (``omni_runtime.prompt.media_prompt``).
+
+Sessions follow a memory policy (``OmniRunner(bundle, memory=...)``, ``omni_runtime.bundle.memory``):
+``"lazy"`` (default) frees each stage's sessions after it (the encoders after the prefill, the
+thinker after its text, the talker and token2wav after the speech); ``"resident"`` keeps them;
+a byte budget (``"6GB"``) keeps what fits and evicts the least recently used idle session.
+``runner.pool.load_log`` records each session creation (graph, seconds, bytes, cached).
 
 Speech out (bundles with a talker and token2wav, ``omni_runtime.stages.speech``)::
 
@@ -53,6 +58,8 @@ from omni_runtime.prompt.chat import ChatTemplate, build_messages
 from omni_runtime.errors import BundleError, InputError
 from omni_runtime.bundle.manifest import load_manifest, verify_file
 from omni_runtime.stages.sampling import SamplingConfig
+from omni_runtime.bundle.memory import THINKER as THINKER_STAGE
+from omni_runtime.bundle.memory import MemoryPolicy, request_stages
 from omni_runtime.bundle.sessions import SessionPool, SessionSettings, select_providers
 from omni_runtime.request import ChatRequest, check_max_new_tokens, check_text
 from omni_runtime.stages.thinker import ThinkerGenerator
@@ -198,12 +205,20 @@ class TextStreamer:
 class OmniRunner:
     """A loaded bundle: manifest, tokenizer, chat template and lazily created sessions."""
 
-    def __init__(self, bundle: str | Path, device: str = "auto", threads: int = 0):
+    def __init__(self, bundle: str | Path, device: str = "auto", threads: int = 0,
+                 memory: MemoryPolicy | str | int = "lazy"):
+        """``memory``: the session policy (``omni_runtime.bundle.memory``): ``"lazy"`` (default: each
+        stage's sessions are freed after it), ``"resident"`` (kept once loaded) or a byte budget
+        (``"6GB"``, ``"6.5GiB"``, an int: least recently used sessions evicted to fit). A budget
+        smaller than the thinker stage is an InputError here, before any graph runs; one smaller
+        than another stage a request needs, when that request is prepared."""
         from tokenizers import Tokenizer
 
+        policy = MemoryPolicy.parse(memory)  # InputError before the bundle is read
         self.manifest = load_manifest(bundle)
         providers = select_providers(device)
-        self.pool = SessionPool(self.manifest, providers, SessionSettings(intra_op_threads=threads))
+        self.pool = SessionPool(self.manifest, providers, SessionSettings(intra_op_threads=threads), memory=policy)
+        self.pool.check_stages([THINKER_STAGE])
         tok = self.manifest.tokenizer
         for rel in (tok["file"], tok["chat_template_file"]):
             verify_file(self.manifest, rel)
@@ -370,14 +385,15 @@ class OmniRunner:
         inputs, prepared = self._tokenize(request)
         limit, limit_reason = self.token_budget(len(inputs.ids), request.max_new_tokens)
         sampling = self.default_sampling() if request.sampling is None else request.sampling
+        self.pool.check_stages(request_stages(
+            audio=prepared is not None and prepared.has_audio, vision=prepared is not None and prepared.has_vision,
+            speech=voice is not None, stream=voice is not None and voice.stream))
         return PreparedRequest(request, started, inputs, prepared, limit, limit_reason, sampling, voice)
 
     def _answer(self, job: "PreparedRequest", on_text) -> Iterator[tuple[np.ndarray, bool]]:
         """Run a prepared request: the thinker (text streamed to ``on_text``), then, with speech,
         the speech chunks; returns the ChatResult (StopIteration value)."""
         inputs, voice = job.inputs, job.voice
-        if job.media is not None:
-            self._encode_media(inputs, job.media)
         streamer = TextStreamer(self.tokenizer, set(int(i) for i in self.thinker.eos_ids))
 
         def on_step(new):
@@ -385,9 +401,16 @@ class OmniRunner:
             if piece and on_text is not None:
                 on_text(piece)
 
-        out = self.thinker.generate([inputs.ids], job.limit, job.sampling, job.request.seed, on_step,
-                                    limit_reason=job.limit_reason, keep_states=voice is not None,
-                                    **inputs.generate_kwargs())
+        try:
+            if job.media is not None:
+                self._encode_media(inputs, job.media)
+            out = self.thinker.generate([inputs.ids], job.limit, job.sampling, job.request.seed, on_step,
+                                        limit_reason=job.limit_reason, keep_states=voice is not None,
+                                        **inputs.generate_kwargs())
+            if voice is not None:  # the talker's thinker rows, while the thinker is loaded
+                self.speech_pipeline().talker.text_embeddings(voice.bos_token)
+        finally:
+            self.thinker.done()  # the thinker stage ends with its text
         ids = out.token_ids[0]
         answer = self.tokenizer.decode(ids, skip_special_tokens=True)
         result = ChatResult(answer, inputs.ids, ids, out.finish_reasons[0], prompt=inputs.text, media=inputs.media)

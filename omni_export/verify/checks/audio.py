@@ -12,7 +12,8 @@ from omni_export.verify.context import ModuleReport, VerifyContext
 from omni_export.verify.metrics import metrics
 from omni_export.verify.reference import reference_module, run_graph
 
-AUDIO_FRAMES = 250          # log-mel frames: one full 200-frame chunk (n_window 100) and a partial one
+#: log-mel frames by ``ctx.shape``: one full 200-frame chunk (n_window 100) and a partial one; 3 and a short one
+AUDIO_FRAMES = (250, 730)
 
 
 def verify(module, ctx: VerifyContext) -> ModuleReport:
@@ -23,7 +24,8 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
 
     block = ctx.manifest.config["audio"]
     n_mels = int(block["num_mel_bins"])
-    features = (ctx.rng().standard_normal((n_mels, AUDIO_FRAMES)) * 0.5).astype(np.float32)  # log-mel-like range
+    frames = AUDIO_FRAMES[ctx.shape]
+    features = (ctx.rng().standard_normal((n_mels, frames)) * 0.5).astype(np.float32)  # log-mel-like range
     ctx.say(f"bundle: {AUDIO_ENCODER}")
     (ours,) = run_graph(ctx.pool, AUDIO_ENCODER,
                         encoder_inputs([features], n_window=int(block["n_window"]), n_mels=n_mels))
@@ -31,7 +33,7 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
     ckpt = module.ckpt
     tower = reference_module(ckpt, Qwen2_5OmniAudioEncoder, ckpt.config.thinker_config.audio_config,
                              module.prefixes)
-    lens = torch.tensor([AUDIO_FRAMES])
+    lens = torch.tensor([frames])
     with torch.no_grad():  # as Qwen2_5OmniThinkerModel.get_audio_features calls the tower
         after_cnn, _ = tower._get_feat_extract_output_lengths(lens)
         ref = tower(torch.from_numpy(features), feature_lens=lens, aftercnn_lens=after_cnn).last_hidden_state.numpy()

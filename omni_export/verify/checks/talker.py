@@ -13,7 +13,7 @@ from omni_export.verify.context import EMBEDDING_SAMPLES, ModuleReport, VerifyCo
 from omni_export.verify.metrics import decoder_metrics, metrics
 from omni_export.verify.reference import reference_module, run_decoder, run_graph
 
-TALKER_TOKENS = 8           # random thinker-space prefill through the talker decoder
+TALKER_TOKENS = (8, 21)     # random thinker-space prefill through the talker decoder, by ``ctx.shape``
 
 
 def verify(module, ctx: VerifyContext) -> ModuleReport:
@@ -26,8 +26,9 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
     config = module.ckpt.config.talker_config
     rng = ctx.rng()
     ids = rng.choice(config.vocab_size, min(EMBEDDING_SAMPLES, config.vocab_size), replace=False).astype(np.int64)
-    embeds = (rng.standard_normal((1, TALKER_TOKENS, config.embedding_size)) * ctx.scale).astype(np.float32)
-    positions = text_position_ids(np.ones((1, TALKER_TOKENS), dtype=np.int64))
+    tokens = TALKER_TOKENS[ctx.shape]
+    embeds = (rng.standard_normal((1, tokens, config.embedding_size)) * ctx.scale).astype(np.float32)
+    positions = text_position_ids(np.ones((1, tokens), dtype=np.int64))
     ours = {}
     if TALKER_EMBEDDING in graphs:
         ctx.say(f"bundle: {TALKER_EMBEDDING}")

@@ -43,7 +43,9 @@ from omni_export.verify.context import EMBEDDING_SAMPLES, ModuleReport, VerifyCo
 from omni_export.verify.metrics import decoder_metrics, kl_divergence, metrics
 from omni_export.verify.reference import run_decoder
 
-DECODER_TOKENS = 16         # random-embedding prefill checked through the decoder graph
+#: random-embedding prefill checked through the decoder graph, by ``ctx.shape`` (verify: the first)
+DECODER_SHAPES = (16, 37)
+DECODER_TOKENS = DECODER_SHAPES[0]
 PROMPT_TOKENS = 48          # prompt tokens kept per conversation (its last ones)
 #: shape constants a bundle and the checkpoint it is verified against must share
 MATCHED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -223,8 +225,9 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
     ref_rows = table[sample_ids]
     ref_prompt_embeds = [table[np.asarray(p + c)][None] for p, c in samples]
     del table
-    decoder_embeds = (rng.standard_normal((1, DECODER_TOKENS, hidden_size)) * ctx.scale).astype(np.float32)
-    decoder_positions = text_position_ids(np.ones((1, DECODER_TOKENS), dtype=np.int64))
+    decoder_tokens = DECODER_SHAPES[ctx.shape]
+    decoder_embeds = (rng.standard_normal((1, decoder_tokens, hidden_size)) * ctx.scale).astype(np.float32)
+    decoder_positions = text_position_ids(np.ones((1, decoder_tokens), dtype=np.int64))
 
     # The bundle (ONNX Runtime, CPU, fp32 host side); its sessions are released before the reference.
     try:
@@ -250,7 +253,7 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
     ref = reference_forward(ckpt, sequences, lambda description, done, total: ctx.say(description), module)
     graphs = {THINKER_EMBEDDING: metrics(bundle_rows, ref_rows),
               THINKER_DECODER: decoder_metrics(bundle_hidden, ref.hidden[0], bundle_last_logits,
-                                               ref.logits(0, [DECODER_TOKENS - 1])[0])}
+                                               ref.logits(0, [decoder_tokens - 1])[0])}
     agree, kls = [], []
     for k, (prompt, continuation) in enumerate(samples, start=1):
         first = len(prompt) - 1  # the position predicting the first continuation token
@@ -261,5 +264,5 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
     agree, kls = np.concatenate(agree), np.concatenate(kls)
     return ModuleReport(graphs, {"top1_agreement": float(agree.mean()), "mean_kl": float(kls.mean()),
                                  "max_kl": float(kls.max()), "positions": int(agree.size)},
-                        {"prompt_tokens": PROMPT_TOKENS, "decoder_tokens": DECODER_TOKENS,
+                        {"prompt_tokens": PROMPT_TOKENS, "decoder_tokens": decoder_tokens,
                          "embedding_samples": EMBEDDING_SAMPLES})

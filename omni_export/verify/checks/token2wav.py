@@ -17,8 +17,9 @@ from omni_export.verify.context import ModuleReport, VerifyContext
 from omni_export.verify.metrics import metrics
 from omni_export.verify.reference import reference_module, run_graph
 
-DIT_CODES, DIT_TIME = 13, 0.5  # one velocity evaluation with the guidance rows (conditioned + unconditioned)
-BIGVGAN_FRAMES = 16         # mel frames through the vocoder
+#: codes by ``ctx.shape`` and the ODE time of one velocity evaluation with the guidance rows
+DIT_CODES, DIT_TIME = (13, 30), 0.5
+BIGVGAN_FRAMES = (16, 41)   # mel frames through the vocoder, by ``ctx.shape``
 
 
 def _check_dit(module, ctx: VerifyContext) -> dict:
@@ -32,8 +33,9 @@ def _check_dit(module, ctx: VerifyContext) -> dict:
               if k != "bos_token"}
     spk = module.speakers()[speaker]
     config = module.ckpt.config.token2wav_config.dit_config
-    frames = DIT_CODES * config.repeats
-    codes = rng.integers(0, config.num_embeds + 1, (1, DIT_CODES)).astype(np.int64)
+    n_codes = DIT_CODES[ctx.shape]
+    frames = n_codes * config.repeats
+    codes = rng.integers(0, config.num_embeds + 1, (1, n_codes)).astype(np.int64)
     x = rng.standard_normal((1, frames, config.mel_dim)).astype(np.float32)
     # classifier-free guidance's two rows, as the runtime feeds them (tests/test_token2wav_dit_parity.py)
     feeds = {"x": np.concatenate([x, x]), "codes": np.concatenate([codes, np.zeros_like(codes)]),
@@ -57,7 +59,7 @@ def _check_bigvgan(module, ctx: VerifyContext) -> dict:
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavBigVGANModel
 
     config = module.ckpt.config.token2wav_config.bigvgan_config
-    mel = (ctx.rng().standard_normal((1, config.mel_dim, BIGVGAN_FRAMES)) * 1.7 - 0.5).astype(np.float32)
+    mel = (ctx.rng().standard_normal((1, config.mel_dim, BIGVGAN_FRAMES[ctx.shape])) * 1.7 - 0.5).astype(np.float32)
     ctx.say(f"bundle: {TOKEN2WAV_BIGVGAN}")
     (ours,) = run_graph(ctx.pool, TOKEN2WAV_BIGVGAN, {"mel": mel})
     ctx.say(f"reference: {TOKEN2WAV_BIGVGAN}")

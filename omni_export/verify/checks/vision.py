@@ -12,7 +12,9 @@ from omni_export.verify.context import ModuleReport, VerifyContext
 from omni_export.verify.metrics import metrics
 from omni_export.verify.reference import reference_module, run_graph
 
-VISION_GRID = (1, 8, 12)    # (t, h, w) patches: 24 merged tokens, several (partial) 112-px windows
+#: (t, h, w) patches by ``ctx.shape``: 24 merged tokens, several (partial) 112-px windows; two frames of 12 x 8
+VISION_GRIDS = ((1, 8, 12), (2, 12, 8))
+VISION_GRID = VISION_GRIDS[0]
 
 
 def verify(module, ctx: VerifyContext) -> ModuleReport:
@@ -22,15 +24,16 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
     from omni_runtime.media.vision_prep import encoder_inputs
 
     cfg = ctx.manifest.configs.vision
-    t, h, w = VISION_GRID
+    grid = VISION_GRIDS[ctx.shape]
+    t, h, w = grid
     patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
     pixels = ctx.rng().standard_normal((t * h * w, patch_dim)).astype(np.float32)  # normalized-pixel range
     ctx.say(f"bundle: {VISION_ENCODER}")
-    (ours,) = run_graph(ctx.pool, VISION_ENCODER, {"pixel_values": pixels, **encoder_inputs([VISION_GRID], cfg)})
+    (ours,) = run_graph(ctx.pool, VISION_ENCODER, {"pixel_values": pixels, **encoder_inputs([grid], cfg)})
     ctx.say(f"reference: {VISION_ENCODER}")
     ckpt = module.ckpt
     visual = reference_module(ckpt, Qwen2_5OmniVisionEncoder, ckpt.config.thinker_config.vision_config,
                               module.prefixes)
     with torch.no_grad():
-        ref = visual(torch.from_numpy(pixels), grid_thw=torch.tensor([VISION_GRID])).pooler_output.numpy()
+        ref = visual(torch.from_numpy(pixels), grid_thw=torch.tensor([grid])).pooler_output.numpy()
     return ModuleReport({VISION_ENCODER: metrics(ours, ref)})

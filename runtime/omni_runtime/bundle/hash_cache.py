@@ -17,6 +17,7 @@ writers can only lose records. ``OMNI_RUNTIME_CACHE_DIR=off`` turns remembering 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,13 +27,20 @@ CACHE_FILE = "verified-sha256.json"
 MAX_ENTRIES = 4096  # oldest records dropped beyond this
 
 
-def cache_path() -> Path | None:
-    """The cache file, or None when remembering is turned off."""
+def cache_dir() -> Path | None:
+    """The runtime's cache directory (``$OMNI_RUNTIME_CACHE_DIR``, else ``$XDG_CACHE_HOME/omni-runtime``,
+    else ``~/.cache/omni-runtime``), or None when caching is turned off (``off``, ``0``, ``none``, empty)."""
     configured = os.environ.get("OMNI_RUNTIME_CACHE_DIR")
     if configured is not None:
-        return None if configured.strip().lower() in ("", "0", "off", "none") else Path(configured) / CACHE_FILE
+        return None if configured.strip().lower() in ("", "0", "off", "none") else Path(configured)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "omni-runtime" / CACHE_FILE
+    return Path(base) / "omni-runtime"
+
+
+def cache_path() -> Path | None:
+    """The cache file, or None when remembering is turned off."""
+    directory = cache_dir()
+    return None if directory is None else directory / CACHE_FILE
 
 
 def _identity(path: Path) -> list[int] | None:
@@ -99,3 +107,27 @@ def remember(path: Path, sha256: str) -> None:
             raise
     except OSError:
         pass
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (OSError if it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def matches(path: Path, sha256: str) -> bool:
+    """True if ``path`` has ``sha256``: remembered (unchanged since it matched), else hashed now
+    (and remembered when it matches); False when it differs or cannot be read."""
+    if known(path, sha256):
+        return True
+    try:
+        actual = sha256_of(path)
+    except OSError:
+        return False
+    if actual != sha256.lower():
+        return False
+    remember(path, actual)
+    return True

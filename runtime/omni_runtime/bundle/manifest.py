@@ -87,6 +87,9 @@ class GraphSpec:
     quantization: dict | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: onnxruntime session config entries the graph needs (``SessionOptions.add_session_config_entry``);
+    #: {} when the manifest has none (bundles of earlier builds)
+    session_config: dict[str, str] = field(default_factory=dict)
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -138,6 +141,12 @@ class Manifest:
     def recipe(self) -> dict:
         """The recipe the bundle was built with (``name``, ``dtype``, ``quantization``, ...)."""
         return self.data["recipe"]
+
+    @property
+    def target(self) -> str:
+        """The device the bundle was built for: ``cpu`` or ``cuda`` (``omni-export build --target``);
+        ``cpu`` for bundles of earlier builds, which do not record it."""
+        return self.data.get("target", "cpu")
 
     @property
     def tokenizer(self) -> dict:
@@ -380,7 +389,8 @@ def _check_content(data: object, path) -> dict[str, GraphSpec]:
                 raise _error(path, f"{_join(where, key)} has duplicate names: {_short(seen)}")
         graphs[name] = GraphSpec(name=name, file=entry["file"], external_data=tuple(entry["external_data"]),
                                  opset=entry["opset"], dtype=entry["dtype"], quantization=entry["quantization"],
-                                 inputs=io["inputs"], outputs=io["outputs"])
+                                 inputs=io["inputs"], outputs=io["outputs"],
+                                 session_config=dict(entry.get("session_config") or {}))
     config = data["config"]
     for block in ("thinker", "talker"):
         cfg = config.get(block)

@@ -11,7 +11,7 @@ them in transformers:
    and, with ``use_audio_in_video``, each video's audio track: the feature counts are then known,
    so the placeholders can be expanded and the context budget checked before any graph runs.
 3. :func:`encode_media` runs the audio and vision encoders (only for the modalities present; each
-   session is released right after) and :func:`rope_inputs` gives ``rope_index`` its arguments.
+   encoder is done with its session right after) and :func:`rope_inputs` gives ``rope_index`` its arguments.
 
 Audio sources are paths, file bytes or 1-D float arrays at 16 kHz; images paths, bytes, uint8
 arrays or PIL images; videos paths, bytes or uint8 frames ``[T, H, W, 3]`` (frames have no audio
@@ -32,7 +32,6 @@ import numpy as np
 from omni_runtime.media.audio_prep import AudioConfig, audio_features, audio_token_counts
 from omni_runtime.errors import BundleError, InputError
 from omni_runtime.bundle.manifest import REBUILD_FIX
-from omni_runtime.bundle.names import VISION_ENCODER
 from omni_runtime.prompt.multimodal import Placeholders
 from omni_runtime.prompt.rope import RopeConfig
 from omni_runtime.media.vision_prep import VisionConfig, VisionInput, load_video, preprocess_image
@@ -282,8 +281,8 @@ def prepare_media(items: list[MediaItem], audio_config: AudioConfig | None, visi
 def encode_media(prepared: PreparedMedia, manifest, pool) -> dict[str, np.ndarray | None]:
     """Encoder rows per modality (``{"audio", "image", "video"}`` -> ``[rows, hidden]`` or None).
 
-    Each encoder session is created only if its modality is present and released right after,
-    before the thinker decodes."""
+    Each encoder session is created only if its modality is present; right after, the pool is told
+    the encoder is done with it (the ``lazy`` policy frees it before the thinker decodes)."""
     from omni_runtime.stages.audio_encoder import AudioEncoder
     from omni_runtime.stages.vision_encoder import VisionEncoder
 
@@ -293,8 +292,7 @@ def encode_media(prepared: PreparedMedia, manifest, pool) -> dict[str, np.ndarra
         out["audio"] = np.concatenate(rows)
     if prepared.has_vision:
         encoder = VisionEncoder(manifest, pool)
-        rows = encoder.encode_inputs([*prepared.images, *prepared.videos])
-        pool.release(VISION_ENCODER)
+        rows = encoder.encode_inputs([*prepared.images, *prepared.videos])  # done with its session after
         n = len(prepared.images)
         if n:
             out["image"] = np.concatenate(rows[:n])

@@ -1,8 +1,8 @@
 """The audio encoder stage: log-mel features of one or several audios -> audio token embeddings.
 
-The ``audio_encoder`` session is created when a request has audio and released right after
-(``release=False`` keeps it, e.g. to encode several requests in a row), so it never shares
-memory with the thinker's decode.
+The ``audio_encoder`` session is created when a request has audio; right after, the pool is told
+the stage is done with it (``release=False`` does not, e.g. to encode several requests in a
+row), so under the ``lazy`` policy it never shares memory with the thinker's decode.
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ class AudioEncoder:
         try:
             session = self.pool.get(GRAPH_NAME)
             (embeds,) = session.run([OUTPUT], inputs)
+            # a copy: the output array otherwise keeps the session's arena alive after release
+            embeds = np.array(embeds)
         finally:
             if release:
-                self.pool.release(GRAPH_NAME)
+                self.pool.done(GRAPH_NAME)
         if embeds.ndim != 2 or embeds.shape[1] != self.config.output_dim:
             raise BundleError(f"the audio encoder returned shape {embeds.shape}, expected [tokens, "
                               f"{self.config.output_dim}]", path=self.manifest.manifest_path, fix=REBUILD_FIX)

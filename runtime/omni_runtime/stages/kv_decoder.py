@@ -9,8 +9,17 @@ The cache of one sequence is a pair of preallocated buffers per layer,
 ``[1, kv_heads, capacity, head_dim]``, bound with IO binding as both ``past`` and ``present``:
 GroupQueryAttention writes the new positions in place, so a decode step moves one position
 per layer, not the whole cache. Buffers live on the session's device (CUDA when the first
-provider is CUDA, else CPU: the same code path runs in the tests). Only the logits, and the
-hidden states when asked, come back to the host.
+provider is CUDA, else CPU: the same code path runs in the tests). On CUDA they come from the
+session's own allocator (``InferenceSession.create_ortvalue_from_shape_and_type``, where the
+installed onnxruntime has it): they count against its arena's ``gpu_mem_limit`` and are freed with the cache and the
+session, whereas the process-wide CUDA allocator behind ``OrtValue.ortvalue_from_shape_and_type``
+is an arena that lives as long as the process. Only the logits, and the hidden states when asked,
+come back to the host; an unwanted ``last_hidden_state`` stays on the device.
+
+The hidden states the talker needs do cross to the host, one ``[1, hidden]`` row per token
+(14 KB at 7B, next to the 600 KB of logits that cross every step anyway): the talker's inputs
+are sums formed on the host (thinker state + embedding + codec embedding), and no graph of the
+bundle adds them on the device.
 
 Long prompts are fed in chunks of ``prefill_chunk`` tokens; attention then never materialises
 more than ``heads x chunk x total`` scores, so prefill memory grows linearly with the prompt.
@@ -61,11 +70,13 @@ NextInputsFn = Callable[[np.ndarray, np.ndarray], Sequence[tuple[np.ndarray, np.
 class KVDecoder:
     """Runs one decoder graph step by step over ``KVCache`` buffers bound in place."""
 
-    def __init__(self, session, spec: GraphSpec, ort, device: str = "cpu", prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+    def __init__(self, session, spec: GraphSpec, ort, device: str = "cpu", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 device_id: int = 0):
         self.session = session
         self.spec = spec
         self.ort = ort
         self.device = device
+        self.device_id = int(device_id)
         if prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be >= 1, got {prefill_chunk}", fix="pass a positive chunk size")
         self.prefill_chunk = prefill_chunk
@@ -87,7 +98,10 @@ class KVDecoder:
         shape = [1, self.kv_heads, int(capacity), self.head_dim]
 
         def buffer():
-            return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+            if self.device != "cpu" and hasattr(self.session, "create_ortvalue_from_shape_and_type"):
+                return self.session.create_ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device,
+                                                                        self.device_id)
+            return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, self.device_id)
 
         return KVCache([(buffer(), buffer()) for _ in range(self.layers)], int(capacity))
 
@@ -179,7 +193,10 @@ class KVDecoder:
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
         # the hidden states cross to the host only when asked for (the talker's input)
-        binding.bind_output("last_hidden_state", "cpu" if want_hidden else self.device)
+        if want_hidden:
+            binding.bind_output("last_hidden_state", "cpu")
+        else:
+            binding.bind_output("last_hidden_state", self.device, self.device_id)
         for i, (key, value) in enumerate(cache.buffers):
             binding.bind_ortvalue_input(self.past_names[2 * i], key)
             binding.bind_ortvalue_input(self.past_names[2 * i + 1], value)

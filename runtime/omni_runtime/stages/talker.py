@@ -23,7 +23,9 @@ and ``Qwen2_5OmniTalkerForConditionalGeneration.forward``, for one row:
 Defaults (``config.talker.sampling``) are transformers' ``generate`` talker defaults: sampling
 with top_k 40, top_p 0.8, temperature 0.9, repetition penalty 1.05, up to 4096 codes.
 
-The talker's sessions are loaded when speech is asked for and released after (``release``).
+The talker's sessions are loaded when speech is asked for; after the codes the talker tells the
+pool it is done with them (``release=True``) and the memory policy frees or keeps them. The
+three thinker embedding rows it needs are kept per speaker (``text_embeddings``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,28 @@ class Talker:
         self.config = talker_config(manifest)
         self.device = "cuda" if io_binding_enabled(pool.providers) else "cpu"
         self.prefill_chunk = prefill_chunk
+        self._text_rows: dict[int, np.ndarray] = {}  # speaker bos -> text_embeddings
+
+    def text_embeddings(self, speaker_bos: int) -> np.ndarray:
+        """The thinker embeddings of the speaker's bos token, the text eos and the text pad
+        ``[3, embedding_size]``, the talker's only use of ``thinker_embedding``. Kept per speaker,
+        so once the runner has asked for them (before the thinker's sessions are done) the
+        talker stage needs no thinker graph."""
+        rows = self._text_rows.get(int(speaker_bos))
+        if rows is None:
+            cfg = self.config
+            # in use by the thinker stage (the runner asks before the thinker is done): leave it
+            # to that stage; otherwise this stage took it and gives it back
+            held = THINKER_EMBEDDING in getattr(self.pool, "in_use", ())
+            try:
+                ids = np.array([[speaker_bos, cfg.text_eos, cfg.text_pad]], dtype=np.int64)
+                rows = np.asarray(self.pool.get(THINKER_EMBEDDING).run(None, {"input_ids": ids})[0][0],
+                                  dtype=np.float32)
+            finally:
+                if not held:
+                    self.pool.done(THINKER_EMBEDDING)
+            self._text_rows[int(speaker_bos)] = rows
+        return rows
 
     def default_sampling(self, do_sample: bool | None = None) -> SamplingConfig:
         """The bundle's talker sampling defaults; ``do_sample=False`` keeps only the repetition
@@ -132,7 +156,7 @@ class Talker:
         finally:
             if release:
                 for name in GRAPHS:
-                    self.pool.release(name)
+                    self.pool.done(name)
 
     def _states(self, out: ThinkerStates) -> np.ndarray:
         """hidden + embeds per fed thinker token, [P + R - 1, embedding_size] float32, checked."""
@@ -154,8 +178,7 @@ class Talker:
     def _generate(self, states, prompt_len, prompt_positions, speaker_bos, sampling, seed, max_new_tokens, on_codes):
         cfg = self.config
         rng = np.random.default_rng(seed)
-        text = self.pool.get(THINKER_EMBEDDING).run(
-            None, {"input_ids": np.array([[speaker_bos, cfg.text_eos, cfg.text_pad]], dtype=np.int64)})[0][0]
+        text = self.text_embeddings(speaker_bos)
         codec_embed = self.pool.get(EMBEDDING)
 
         def codec(ids) -> np.ndarray:
@@ -172,7 +195,8 @@ class Talker:
         delta = top + 3 - (prompt_len + 2)  # decode position = cache length + delta
 
         decoder = KVDecoder(self.pool.get(DECODER), self.manifest.graph(DECODER), import_onnxruntime(),
-                            device=self.device, prefill_chunk=self.prefill_chunk)
+                            device=self.device, prefill_chunk=self.prefill_chunk,
+                            device_id=getattr(self.pool, "device_id", 0))
         cache = decoder.new_cache(prefill.shape[0] + max_new_tokens)
         logits, _ = decoder.step(cache, prefill[None], positions[:, None, :])
         history = np.array([[cfg.codec_mask] * prompt_len + [cfg.codec_pad, cfg.codec_bos]], dtype=np.int64)

@@ -1,5 +1,8 @@
 """Thinker text generation over the bundle's ``thinker_embedding`` and ``thinker_decoder`` graphs.
 
+The sessions stay loaded after ``generate`` (``verify`` scores many prompts in a row); the
+runner calls ``done`` after the text of a request, and the pool's memory policy decides.
+
 The host owns the KV cache (``omni_runtime.stages.kv_decoder``: preallocated buffers updated in place),
 the positions (``omni_runtime.prompt.rope``) and the token choice (``omni_runtime.stages.sampling``). Each row
 of a batch has its own cache and is stepped in lockstep with the others; the token choice sees
@@ -23,6 +26,8 @@ from omni_runtime.bundle.sessions import SessionPool, import_onnxruntime, io_bin
 
 from omni_runtime.bundle.names import THINKER_DECODER as DECODER
 from omni_runtime.bundle.names import THINKER_EMBEDDING as EMBEDDING
+
+GRAPHS = (EMBEDDING, DECODER)
 
 
 @dataclass
@@ -70,6 +75,11 @@ class ThinkerGenerator:
         self.eos_ids = np.array(gen.eos_token_ids, dtype=np.int64)
         self.pad_id = gen.pad_token_id
 
+    def done(self) -> None:
+        """Tell the pool this stage is done with the thinker's graphs (the policy frees or keeps them)."""
+        for name in GRAPHS:
+            self.pool.done(name)
+
     def _pad(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InputError("every prompt needs at least one token", fix="pass a non-empty prompt")
@@ -83,7 +93,8 @@ class ThinkerGenerator:
 
     def _decoder(self) -> KVDecoder:
         return KVDecoder(self.pool.get(DECODER), self.manifest.graph(DECODER), import_onnxruntime(),
-                         device=self.device, prefill_chunk=self.prefill_chunk)
+                         device=self.device, prefill_chunk=self.prefill_chunk,
+                         device_id=getattr(self.pool, "device_id", 0))
 
     def generate(
         self,

@@ -37,8 +37,8 @@ return_audio_in_chunk=True)``; its constants are in the manifest (``config.token
   BigVGAN runs on what is left and only its left context is dropped.
 
 Chunks therefore come out while codes are still arriving (``codes`` may be any iterator, e.g.
-the talker's). Sessions are taken from the pool when needed and released when the call (or
-the stream) ends.
+the talker's). Sessions are taken from the pool when needed; when the call (or the stream) ends the pool is
+told this stage is done with them (``SessionPool.done``: the memory policy frees or keeps them).
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ class Token2Wav:
         try:
             return self._mel(self.pool.get(DIT_GRAPH), codes, y0, spk, solver, steps, guidance, sway)
         finally:
-            self.pool.release(DIT_GRAPH)
+            self.pool.done(DIT_GRAPH)
 
     def waveform(self, codes, speaker: str | None = None, *, solver: str | None = None, steps: int | None = None,
                  seed: int | None = None, noise: np.ndarray | None = None, guidance_scale: float | None = None,
@@ -322,7 +322,7 @@ class Token2Wav:
         try:
             return self._vocode(self.pool.get(BIGVGAN_GRAPH), mel)
         finally:
-            self.pool.release(BIGVGAN_GRAPH)
+            self.pool.done(BIGVGAN_GRAPH)
 
     def stream(self, codes: Iterable[int], speaker: str | None = None, *, solver: str | None = None,
                steps: int | None = None, seed: int | None = None, noise: np.ndarray | None = None,
@@ -387,5 +387,5 @@ class Token2Wav:
             else:
                 yield self._vocode(vocoder, mel_buffer)[voc_left * hop:], True
         finally:
-            self.pool.release(DIT_GRAPH)
-            self.pool.release(BIGVGAN_GRAPH)
+            self.pool.done(DIT_GRAPH)
+            self.pool.done(BIGVGAN_GRAPH)

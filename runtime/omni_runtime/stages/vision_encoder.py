@@ -3,8 +3,9 @@
 ``VisionEncoder(manifest, pool).encode(pixel_values, grid_thw)`` computes the graph's index
 inputs on the host (``vision_prep.encoder_inputs``), runs the ``vision_encoder`` graph and
 returns ``[tokens, thinker hidden]`` float32 rows, image after image in the order given. The
-session is created on demand and released after the call (unless it was already loaded), so
-the encoder's memory is free again before the thinker decodes.
+session is created on demand and the pool is told the stage is done with it after the call
+(``release=False`` does not), so under the ``lazy`` policy the encoder's memory is free again
+before the thinker decodes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class VisionEncoder:
     def merge_size(self) -> int:
         return self.config.spatial_merge_size
 
-    def encode(self, pixel_values: np.ndarray, grid_thw) -> np.ndarray:
+    def encode(self, pixel_values: np.ndarray, grid_thw, release: bool = True) -> np.ndarray:
         """Patches ``[patches, C*T*P*P]`` of the images/videos with grids ``[(t, h, w), ...]``
         (concatenated in that order) -> ``[tokens, hidden]`` float32."""
         inputs = encoder_inputs(grid_thw, self.config)
@@ -55,18 +56,18 @@ class VisionEncoder:
                              f"[{patches}, {width}]", param="pixel_values",
                              fix="pass the patches made by vision_prep (preprocess_image / load_video) "
                                  "with their grids")
-        was_loaded = GRAPH_NAME in self.pool.loaded
-        session = self.pool.get(GRAPH_NAME)
         try:
-            (embeds,) = session.run([OUTPUT_NAME], {"pixel_values": pixel_values, **inputs})
+            (embeds,) = self.pool.get(GRAPH_NAME).run([OUTPUT_NAME], {"pixel_values": pixel_values, **inputs})
+            # a copy: the output array otherwise keeps the session's arena alive after release
+            embeds = np.array(embeds)
         finally:
-            if not was_loaded:
-                self.pool.release(GRAPH_NAME)
+            if release:
+                self.pool.done(GRAPH_NAME)
         return embeds
 
-    def encode_inputs(self, items: Sequence[VisionInput]) -> list[np.ndarray]:
+    def encode_inputs(self, items: Sequence[VisionInput], release: bool = True) -> list[np.ndarray]:
         """Several prepared images/videos in one graph call; one ``[tokens_i, hidden]`` array each."""
         pixel_values, grids = concat_inputs(items)
-        embeds = self.encode(pixel_values, grids)
+        embeds = self.encode(pixel_values, grids, release=release)
         counts = [token_count(g, self.merge_size) for g in grids]
         return np.split(embeds, np.cumsum(counts)[:-1])
