@@ -392,24 +392,6 @@ def test_pool_passes_cuda_options_and_graph_config(monkeypatch, tmp_path):
                                  "gpu_mem_limit": "2000000000"}), CPU]
     assert options.entries == {"session.use_device_allocator_for_initializers": "1",
                                "session.intra_op.allow_spinning": "0"}  # the manifest's string entries
-    assert options.enable_cpu_mem_arena is False  # a budget: no CPU arena slack while a stage runs
-
-
-@pytest.mark.parametrize("memory,arena", [("lazy", False), ("resident", True), ("2GB", False)])
-def test_cpu_arena_only_for_resident(monkeypatch, tmp_path, memory, arena):
-    """The CPU arena keeps every block it grew to while its session lives; lazy and budget stages
-    hold several sessions at once, so only resident keeps it (device.cpu_memory_arena)."""
-    from test_sessions import make_bundle
-
-    from omni_runtime import load_manifest
-
-    manifest = load_manifest(make_bundle(tmp_path / "bundle"))
-    fake = FakeOrt(manifest.graphs["tiny"])
-    monkeypatch.setattr(sessions, "import_onnxruntime", lambda: fake)
-    pool = SessionPool(manifest, [CPU], SessionSettings(optimized_copies=False), memory=memory)
-    pool.get("tiny")
-    (_, options, _), = fake.calls
-    assert options.enable_cpu_mem_arena is arena
 
 
 class RecordingSession:

@@ -8,13 +8,8 @@
   search allocates large trial workspaces) and initializers bypass the arena
   (``session.use_device_allocator_for_initializers``), so dropping a session returns its device
   memory. ``resident`` keeps onnxruntime's defaults (power-of-two arena growth, exhaustive
-  search).
-- ``cpu_memory_arena``: onnxruntime's CPU arena (host tensors, on every provider) only for
-  ``resident``. The arena is freed with its session, but while a stage runs it keeps every block
-  it has grown to, and a lazy stage holds several sessions at once (streamed speech: talker,
-  DiT, BigVGAN): without it the stage's peak is its weights plus the live tensors (measured on
-  the 7b-shape awq bundle: speech stage 1.69 -> 1.49 GB, request time unchanged;
-  docs/bundle-format.md).
+  search). On CPU every policy keeps onnxruntime's per-session arena: it is freed with its
+  session (measured, tests/test_memory_policy.py).
 - ``return_host_memory``: glibc keeps freed heap pages of a dropped session (initializers of a
   few MB come from the heap, not from mmap) until ``malloc_trim(0)``; the pool calls it after
   freeing a session, so RSS really falls back (without it, RSS stayed at the loaded level).
@@ -62,12 +57,6 @@ def provider_options(providers: Sequence[str], policy: MemoryPolicy, device_id: 
 def provider_config(providers: Sequence[str], policy: MemoryPolicy, device_id: int = 0) -> list:
     """``InferenceSession(providers=...)``: ``(name, options)`` pairs, bare names when no option."""
     return [(p, o) if o else p for p, o in zip(providers, provider_options(providers, policy, device_id))]
-
-
-def cpu_memory_arena(policy: MemoryPolicy) -> bool:
-    """``SessionOptions.enable_cpu_mem_arena`` under ``policy``: on for resident (speed over
-    memory), off for lazy and budgets (the module docstring says why)."""
-    return policy.keeps_arena
 
 
 def session_config(providers: Sequence[str], policy: MemoryPolicy) -> dict[str, str]:

@@ -108,10 +108,8 @@ class MemoryPolicy:
 
     @property
     def keeps_arena(self) -> bool:
-        """Whether sessions keep onnxruntime's memory arenas as they are by default (resident: speed
-        over memory): the CPU arena on, device arenas grown by powers of two; lazy and budgets run
-        without the CPU arena and grow device arenas by exactly what is requested
-        (``omni_runtime.bundle.device``)."""
+        """Whether sessions may grow memory arenas by powers of two (resident: speed over memory);
+        lazy and budgets ask onnxruntime for exactly what is requested instead."""
         return self.mode == RESIDENT
 
 

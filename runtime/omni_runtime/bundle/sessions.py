@@ -351,7 +351,6 @@ class SessionPool:
     def _session(self, ort, spec: GraphSpec, model: Path, entries: dict, providers: list,
                  optimization: str | None = None, staging: Path | None = None):
         options = self.settings.session_options(ort, optimization)
-        options.enable_cpu_mem_arena = device.cpu_memory_arena(self.policy)
         for key, value in entries.items():
             options.add_session_config_entry(key, value)
         if staging is not None:
