@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark scripts: run a child process and measure it.
 
-``run_measured`` runs one command in its own process group and reaps it with ``os.wait4``,
+``run_measured`` (``omni_export.bench.process.run_child``, the runner of ``omni-export bench``) runs
+one command in its own process group and reaps it with ``os.wait4``,
 which returns that child's own resource usage: ``ru_maxrss`` is its peak RSS (the number
 ``/usr/bin/time -v`` prints as "Maximum resident set size", GNU time reads it the same way).
 A watchdog kills the child (its whole process group) when it runs past ``timeout`` seconds or
@@ -10,57 +11,16 @@ reported as a failure instead of waking the OOM killer.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import statistics
-import subprocess
-import tempfile
-import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 GB = 1e9
 
 
-@dataclass
-class Measured:
-    """Outcome of one measured child process."""
-
-    cmd: list[str]
-    returncode: int | None
-    wall_s: float
-    peak_rss_bytes: int
-    stdout: str = field(repr=False)
-    stderr: str = field(repr=False)
-    killed: str | None = None  # "timeout" or "rss_limit" when the watchdog ended it
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and self.killed is None
-
-    def failure(self) -> str:
-        """One line saying why the run failed (empty when it did not)."""
-        if self.killed == "timeout":
-            return f"timed out after {self.wall_s:.0f} s"
-        if self.killed == "rss_limit":
-            return f"killed: RSS passed the limit ({self.peak_rss_bytes / GB:.1f} GB peak)"
-        if self.returncode is not None and self.returncode < 0:
-            return f"killed by signal {-self.returncode} (out of memory?)"
-        if self.returncode != 0:
-            lines = [ln for ln in self.stderr.strip().splitlines() if ln.strip()]
-            tail = " / ".join(ln.strip() for ln in lines[-2:])[-400:]  # an OmniError is "problem" + "fix" lines
-            return f"exit code {self.returncode}: {tail or 'no error output'}"
-        return ""
-
-    def last_json(self) -> dict:
-        """The last stdout line, parsed as JSON (child processes report that way)."""
-        lines = [ln for ln in self.stdout.strip().splitlines() if ln.strip()]
-        return json.loads(lines[-1])
-
-
-from omni_export.build.pipeline import available_memory  # noqa: E402  (MemAvailable, shared with build's pre-flight)
+from omni_export.bench.process import Child as Measured  # noqa: E402,F401  (one runner for bench and benchmarks/)
+from omni_export.bench.process import available_memory, run_child  # noqa: E402
 
 
 def default_rss_limit(margin_gb: float = 2.0) -> int | None:
@@ -69,53 +29,10 @@ def default_rss_limit(margin_gb: float = 2.0) -> int | None:
     return None if have is None else max(int(have - margin_gb * GB), int(GB))
 
 
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def run_measured(cmd: list[str], timeout: float | None = None, rss_limit: int | None = None,
                  env: dict | None = None, poll_s: float = 0.1) -> Measured:
-    """Run ``cmd``; return its exit code, wall time, peak RSS and output (see module doc)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-        killed: list[str] = []
-        done = threading.Event()
-
-        def watchdog() -> None:
-            while not done.wait(poll_s):
-                reason = None
-                if timeout is not None and time.perf_counter() - start > timeout:
-                    reason = "timeout"
-                elif rss_limit is not None and _rss_bytes(proc.pid) > rss_limit:
-                    reason = "rss_limit"
-                if reason:
-                    killed.append(reason)
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)  # our own child's group, by its id
-                    except ProcessLookupError:
-                        pass
-                    return
-
-        thread = threading.Thread(target=watchdog, daemon=True)
-        thread.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        done.set()
-        thread.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0)
-        err.seek(0)
-        return Measured(cmd=list(cmd), returncode=proc.returncode, wall_s=wall,
-                        peak_rss_bytes=usage.ru_maxrss * 1024, stdout=out.read(), stderr=err.read(),
-                        killed=killed[0] if killed else None)
+    """Run ``cmd``; its exit code, wall time, peak RSS (``ru_maxrss``) and output (module doc)."""
+    return run_child(cmd, timeout=timeout, rss_limit=rss_limit, env=env, poll_s=poll_s)
 
 
 def summarize(values: list[float]) -> dict:
@@ -142,7 +59,10 @@ def machine_info() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    """Atomically (a temporary file renamed over ``path``): an interrupted run leaves no half file."""
+    from omni_runtime.atomic import write_json_atomic
+
+    write_json_atomic(path, data, indent=2, default=_jsonable)
 
 
 def _jsonable(value):

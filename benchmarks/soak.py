@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -139,17 +137,9 @@ def print_report(result: dict, every: int) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically: a temporary file beside ``path``, renamed over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from omni_runtime.atomic import write_json_atomic
+
+    write_json_atomic(path, data)
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,22 +220,9 @@ def assemble(options: BenchOptions, manifest, spec: dict, records: dict, failure
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically: a temporary file beside ``path``, renamed over it."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a new file normally is not
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from omni_runtime.atomic import write_json_atomic
+
+    write_json_atomic(path, data)
 
 
 __all__ = ["BenchOptions", "STAGES", "run", "check", "parse_memory"]

@@ -1,7 +1,7 @@
 """Run one measured child process: its own process group, reaped with ``os.wait4``, with a watchdog.
 
-The same scheme as benchmarks/benchutil.py's ``run_measured`` (which the benchmark scripts use;
-this copy lives in the package so ``omni-export bench`` works from an installed wheel): the
+benchmarks/benchutil.py's ``run_measured`` is this function (it lives in the package so
+``omni-export bench`` works from an installed wheel): the
 watchdog kills the child's process group when it runs past ``timeout`` seconds or its RSS passes
 ``rss_limit`` bytes, so a run that would exhaust a shared machine's memory is reported as a
 failure instead of waking the OOM killer. The child's peak RSS comes from its own trace (the
@@ -19,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from omni_export.build.pipeline import available_memory  # MemAvailable, shared with build's pre-flight
+
 
 @dataclass
 class Child:
@@ -29,6 +31,9 @@ class Child:
     stderr: str = field(repr=False)
     killed: str | None = None  # "timeout" or "rss_limit"
     max_rss_seen: int = 0
+    #: the kernel's peak RSS of the child (``ru_maxrss``; a child that resets its high-water
+    #: mark, as bench's tracer does, lowers it)
+    peak_rss_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -48,23 +53,13 @@ class Child:
         return ""
 
     def record(self) -> dict:
-        """The child's report: its last stdout line, as JSON."""
+        """The child's report: its last stdout line, as JSON (benchmarks/: ``last_json``)."""
         lines = [ln for ln in self.stdout.strip().splitlines() if ln.strip()]
         if not lines:
             raise ValueError("the child printed nothing")
         return json.loads(lines[-1])
 
-
-def available_memory() -> int | None:
-    """MemAvailable in bytes (Linux), None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    last_json = record
 
 
 def default_rss_limit(margin_bytes: int = 2_000_000_000) -> int | None:
@@ -115,7 +110,7 @@ def run_child(cmd: list[str], timeout: float | None = None, rss_limit: int | Non
         thread = threading.Thread(target=watchdog, daemon=True)
         thread.start()
         try:
-            _, status, _ = os.wait4(proc.pid, 0)
+            _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:  # Ctrl-C in the parent: do not leave the child running
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -131,4 +126,5 @@ def run_child(cmd: list[str], timeout: float | None = None, rss_limit: int | Non
         out.seek(0)
         err.seek(0)
         return Child(cmd=list(cmd), returncode=proc.returncode, wall_s=wall, stdout=out.read(), stderr=err.read(),
-                     killed=killed[0] if killed else None, max_rss_seen=seen[0])
+                     killed=killed[0] if killed else None, max_rss_seen=seen[0],
+                     peak_rss_bytes=usage.ru_maxrss * 1024)

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
@@ -257,25 +256,15 @@ def _import_soundfile():
 def write_wav(path: str, audio, sample_rate: int) -> None:
     """Write mono float32 ``audio`` to ``path`` as a 32-bit float WAV, atomically: a temporary file
     in the same directory, renamed over ``path`` when complete, removed on any error or Ctrl-C."""
+    from omni_runtime.atomic import write_atomic
+
     soundfile = _import_soundfile()
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    os.close(fd)
     try:
-        soundfile.write(tmp, audio, sample_rate, format="WAV", subtype="FLOAT")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a new file normally is not
-        os.replace(tmp, target)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, (OSError, RuntimeError)):  # soundfile's LibsndfileError is a RuntimeError
-            raise OmniError(f"cannot write the WAV file ({getattr(exc, 'strerror', None) or exc})", path=target,
-                            fix="check the disk space and permissions, or choose another --wav path") from None
-        raise
+        write_atomic(target, lambda tmp: soundfile.write(tmp, audio, sample_rate, format="WAV", subtype="FLOAT"))
+    except (OSError, RuntimeError) as exc:  # soundfile's LibsndfileError is a RuntimeError
+        raise OmniError(f"cannot write the WAV file ({getattr(exc, 'strerror', None) or exc})", path=target,
+                        fix="check the disk space and permissions, or choose another --wav path") from None
 
 
 def sampling_for(opts: RunOptions, defaults):
