@@ -496,14 +496,10 @@ def plan(shape: ModelShape, recipe, target: str = "cpu", request: Request = Requ
         transients = [resident[g] * C.LOAD_TRANSIENT[target][weight_kind(stored, g)] for g in loads]
         host = ws["host"] * 4
         base = C.BASE_BYTES[target]
-        if name == "speech":
-            # streamed speech creates the talker's sessions in its thread and token2wav's in the
-            # caller's at the same time, while the talker already runs: the transients add up
-            load = sum(transients)
-            running = kv + activations + arena + load
-        else:  # a stage creates its sessions, then runs them
-            load = max(transients, default=0.0)
-            running = max(kv + activations + arena, load)
+        # a stage creates its sessions one at a time, then runs them (streamed speech too: token2wav's
+        # sessions are created before the talker's thread starts, omni_runtime.stages.speech)
+        load = max(transients, default=0.0)
+        running = max(kv + activations + arena, load)
         if target == "cuda":
             peak = C.CUDA_CONTEXT_BYTES + weights + running
             host_peak = base + host

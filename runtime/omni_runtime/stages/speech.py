@@ -18,7 +18,10 @@ pieces tested on their own (``omni_runtime.stages.talker``, ``omni_runtime.stage
 
 The sessions of the talker (``talker_embedding``, ``talker_decoder``) and of token2wav
 (``token2wav_dit``, ``token2wav_bigvgan``) are created when speech is asked for and released
-when it ends, on success, on error and when a stream is closed early.
+when it ends, on success, on error and when a stream is closed early. A stream creates
+token2wav's sessions before the talker's thread starts creating its own: a session's creation
+holds extra memory for a moment, and created side by side those moments add up (measured on the
+7b-shape awq bundle: docs/bundle-format.md).
 
 Noise: token2wav's initial state is drawn from ``numpy.random.default_rng(noise_seed)``
 (``omni_runtime.stages.token2wav.NoiseSequence``): the same seed gives the same audio.
@@ -36,6 +39,7 @@ import numpy as np
 
 from omni_runtime.errors import BundleError, InputError
 from omni_runtime.bundle.manifest import Manifest
+from omni_runtime.bundle.names import TOKEN2WAV_BIGVGAN, TOKEN2WAV_DIT
 from omni_runtime.stages.sampling import SamplingConfig
 from omni_runtime.bundle.sessions import SessionPool
 from omni_runtime.stages.talker import Talker
@@ -252,12 +256,19 @@ class SpeechPipeline:
                 except _Cancelled:
                     pass
 
-        chunks = self.token2wav.stream(pipe, opts.speaker, solver=opts.solver, seed=opts.noise_seed)
-        pipe.producer = threading.Thread(target=talk, name="omni-runtime-talker", daemon=True)
-        pipe.producer.start()
+        pool = self.token2wav.pool
         try:
-            yield from chunks
-        finally:
-            pipe.cancelled.set()
-            chunks.close()
-            pipe.producer.join()
+            for name in (TOKEN2WAV_DIT, TOKEN2WAV_BIGVGAN):  # one creation at a time (module docstring)
+                pool.get(name)
+            chunks = self.token2wav.stream(pipe, opts.speaker, solver=opts.solver, seed=opts.noise_seed)
+            pipe.producer = threading.Thread(target=talk, name="omni-runtime-talker", daemon=True)
+            pipe.producer.start()
+            try:
+                yield from chunks
+            finally:
+                pipe.cancelled.set()
+                chunks.close()
+                pipe.producer.join()
+        finally:  # token2wav's stream says done itself, unless it never started
+            for name in (TOKEN2WAV_DIT, TOKEN2WAV_BIGVGAN):
+                pool.done(name)
