@@ -130,8 +130,14 @@ def test_resident_policy_in_the_json(tiny_bundle, files):
     assert result["runs"]["runtime"][0]["loaded_after"] == ["thinker_embedding", "thinker_decoder"]  # kept
 
 
-@pytest.mark.parametrize("case", ["no-bundle", "no-audio", "bad-memory", "repeats", "json-dir", "model-dir"])
+@pytest.mark.parametrize("case", ["no-bundle", "no-audio", "bad-memory", "repeats", "json-dir", "model-dir",
+                                  "device"])
 def test_errors_name_the_problem(case, tiny_bundle, files, tmp_path):
+    if case == "device":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            pytest.skip("this onnxruntime has CUDA: --device cuda is no error here")
     args = {
         "no-bundle": ([tmp_path / "nothing"], "nothing"),
         "no-audio": ([tiny_bundle, "--audio", tmp_path / "missing.wav"], "missing.wav"),
@@ -139,6 +145,8 @@ def test_errors_name_the_problem(case, tiny_bundle, files, tmp_path):
         "repeats": ([tiny_bundle, "--repeats", 0], "--repeats"),
         "json-dir": ([tiny_bundle, "--json", tmp_path / "no" / "out.json"], "--json"),
         "model-dir": ([tiny_bundle, "--model", tmp_path], str(tmp_path)),
+        # CUDA where onnxruntime has none (this machine): said once, before any measured process
+        "device": ([tiny_bundle, "--device", "cuda"], "--device cpu"),
     }[case]
     proc = bench(*args[0], timeout=60)
     assert proc.returncode == 2, proc.stderr

@@ -83,6 +83,12 @@ def check(options: BenchOptions):
                 raise InputError(f"{flag} is not a file", path=path, fix=f"pass a media file to {flag}")
     if options.repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {options.repeats}", fix="pass --repeats 3 (or more)")
+    from omni_runtime.bundle.sessions import select_providers
+
+    try:
+        select_providers(options.device)  # cuda without onnxruntime-gpu: said once, before any process
+    except InputError as exc:
+        raise InputError(exc.problem, fix=exc.fix.replace('device="cpu"', "--device cpu")) from None
     if options.max_new_tokens < 2:
         raise InputError(f"--max-new-tokens must be >= 2 to measure decoding, got {options.max_new_tokens}",
                          fix="pass --max-new-tokens 32")
