@@ -7,7 +7,7 @@ export PIP_NO_CACHE_DIR := 1
 DEMO := demo
 REF_ENV := build/ref-transformers-4.57.3
 
-.PHONY: setup ref-env demo test runtime-check clean
+.PHONY: setup ref-env demo test runtime-check hosts clean
 
 setup: $(VENV)/.installed $(REF_ENV)/.installed
 
@@ -45,6 +45,26 @@ demo: setup
 	$(BIN)/omni-export build --model $(DEMO)/model --recipe awq --out $(DEMO)/bundle-awq
 	$(BIN)/omni-export verify $(DEMO)/bundle-awq --model $(DEMO)/model
 	$(BIN)/omni-export run $(DEMO)/bundle-awq --prompt "Tell me about the sea." --max-new-tokens 8 --greedy
+
+# The C++ and C# hosts (runtime/cpp, runtime/csharp, docs/hosts.md) in build/hosts/: ONNX Runtime
+# headers from npm, the wheel's libonnxruntime.so (the Python runtime's), g++/cmake,
+# nlohmann-json3-dev, libssl-dev, mono-mcs.
+HOSTS := build/hosts
+
+hosts: $(VENV)/.installed
+	runtime/cpp/fetch_deps.sh $(HOSTS) $(BIN)/python
+	cmake -S runtime/cpp -B $(HOSTS)/cmake -DORT_INCLUDE_DIR=$(abspath $(HOSTS))/include \
+		-DORT_LIBRARY=$(abspath $(HOSTS))/libonnxruntime.so.1 >/dev/null
+	cmake --build $(HOSTS)/cmake -j 2
+	cp $(HOSTS)/cmake/omni-host $(HOSTS)/omni-host.partial && mv $(HOSTS)/omni-host.partial $(HOSTS)/omni-host
+	@# the C# host (mono's mcs): OrtApi slot indices generated from the header by a C program
+	@if command -v mcs >/dev/null && command -v mono >/dev/null; then \
+		cc -I$(HOSTS)/include runtime/csharp/gen_slots.c -o $(HOSTS)/gen_slots && \
+		$(HOSTS)/gen_slots > $(HOSTS)/OrtSlots.cs.partial && mv $(HOSTS)/OrtSlots.cs.partial $(HOSTS)/OrtSlots.cs && \
+		mcs -nologo -langversion:7 -optimize+ -r:System.Core -out:$(HOSTS)/OmniHost.exe \
+			runtime/csharp/*.cs $(HOSTS)/OrtSlots.cs && \
+		cp runtime/csharp/OmniHost.exe.config $(HOSTS)/OmniHost.exe.config; \
+	else echo "mcs/mono not found: OmniHost.exe not built (apt-get install mono-mcs)"; fi
 
 test: setup
 	$(BIN)/python -m pytest -q

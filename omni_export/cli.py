@@ -391,6 +391,57 @@ def plan_command(
     print_plan(result, Console(markup=False, highlight=False, width=max(Console().width, 140)))
 
 
+@app.command("tokenize")
+def tokenize_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="User prompt text (optional with media files)."),
+    audio: Optional[list[str]] = typer.Option(None, "--audio", help="Audio file in the user message; repeatable."),
+    image: Optional[list[str]] = typer.Option(None, "--image", help="Image file in the user message; repeatable."),
+    video: Optional[list[str]] = typer.Option(None, "--video", help="Video file in the user message; repeatable."),
+    use_audio_in_video: bool = typer.Option(False, "--use-audio-in-video", help="Also feed each video's audio track."),
+    video_fps: Optional[float] = typer.Option(None, "--video-fps", help="Video frames sampled per second."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the bundle's)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for inputs.json and the encoder inputs (.npy) "
+                                                           "the C++/C# hosts read (needed with media)."),
+    noise_seed: Optional[int] = typer.Option(None, "--noise-seed", help="Also write token2wav's initial noise for "
+                                                                        "this seed (the Python runtime's)."),
+    noise_frames: Optional[int] = typer.Option(None, "--noise-frames", help="Noise rows (default: the talker's code "
+                                                                            "limit x mel frames per code)."),
+    as_json: bool = typer.Option(False, "--json", help="Print prompt_ids (and the inputs file) as JSON."),
+) -> None:
+    """Expanded prompt ids for the C++/C# hosts (as `run` renders and tokenizes the prompt) and, with --out,
+    the media encoders' prepared inputs as .npy files (docs/hosts.md)."""
+    from omni_export.hosts import tokenize
+
+    try:
+        result = tokenize(bundle, prompt, audio, image, video, system, use_audio_in_video, video_fps, out,
+                          noise_seed, noise_frames)
+    except OmniError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print(",".join(map(str, result.prompt_ids)))
+        if result.inputs is not None:
+            say(f"wrote {result.inputs} ({len(result.files)} files)")
+
+
+@app.command("detokenize")
+def detokenize_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    ids: str = typer.Argument(..., help="Comma-separated token ids, e.g. 1,2,3."),
+    as_json: bool = typer.Option(False, "--json", help="Print {\"text\": ...}."),
+) -> None:
+    """The text of token ids (e.g. a host's token_ids), special tokens skipped."""
+    from omni_export.hosts import detokenize, parse_ids
+
+    try:
+        text = detokenize(bundle, parse_ids(ids))
+    except OmniError as exc:
+        fail(exc)
+    print(json.dumps({"text": text}, ensure_ascii=False) if as_json else text)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     from omni_export.build.bundle_writer import StalePartialWarning
 
