@@ -97,6 +97,9 @@ def tiny(
     layers: Optional[int] = typer.Option(None, help="Thinker layer count (default: 2 for tiny, 4 for 7b-shape)."),
     awq: bool = typer.Option(False, "--awq", help="Write an AutoAWQ GEMM int4 checkpoint (the Qwen2.5-Omni-7B-AWQ "
                                                   "layout: thinker decoder linears as qweight/qzeros/scales)."),
+    w8a8_modelslim: bool = typer.Option(False, "--w8a8-modelslim", help="Write msModelSlim's AscendV1 W8A8_DYNAMIC "
+                                        "output (quant_model_description.json + quant_model_weights*.safetensors; "
+                                        "lm_head and mlp.down_proj FLOAT) with the float talker and token2wav."),
 ) -> None:
     """Write a random-weight Qwen2.5-Omni checkpoint in the real on-disk layout."""
     from omni_export.build.bundle_writer import check_output
@@ -110,15 +113,23 @@ def tiny(
         check_output(out_dir, kind="checkpoint", flag="OUT")
     except OmniError as exc:
         fail(exc)
+    if awq and w8a8_modelslim:
+        fail(OmniError("--awq and --w8a8-modelslim are two checkpoint layouts", fix="pass one of them"))
     with interruptible("tiny"):
         try:
-            path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True, awq=awq)
+            if w8a8_modelslim:
+                from omni_export.testkit.modelslim_writer import write_modelslim_checkpoint
+
+                path = write_modelslim_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True)
+            else:
+                path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True, awq=awq)
         except FileExistsError:
             fail(OmniError("already exists and is not empty", path=out_dir,
                            fix="choose a new directory or remove it first"))
         except ValueError as exc:
             fail(OmniError(str(exc), fix="see `omni-export tiny --help`"))
-    say(f"wrote random-weight {preset} {'AutoAWQ ' if awq else ''}checkpoint to {path}")
+    kind = "AutoAWQ " if awq else "msModelSlim W8A8 " if w8a8_modelslim else ""
+    say(f"wrote random-weight {preset} {kind}checkpoint to {path}")
 
 
 @app.command()

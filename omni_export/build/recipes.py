@@ -19,8 +19,10 @@ path to a YAML file. ``recipes/README.md`` documents schema version 2::
         keep_float: []
         lm_head: int8
         embeddings: int8
-        emit: qdq
-    calibration:                 # only when a module uses method awq (defaults filled if omitted)
+        activations: float       # float | int8_per_token | int8_per_tensor (W8A8, weights int8)
+        smooth_alpha: null       # W8A8 only: SmoothQuant migration strength in [0, 1], calibrated
+        emit: qdq                # qdq | matmulnbits; W8A8: matmulinteger_u8 | matmulinteger | matmulintegertofloat
+    calibration:                 # only when a module uses method awq or smooth_alpha (defaults filled if omitted)
       source: builtin
       samples: 4
       sequence_length: 128
@@ -72,7 +74,14 @@ WEIGHTS = FLOAT_WEIGHTS + INT_WEIGHTS
 METHODS = ("none", "rtn", "awq")
 INT_METHODS = ("rtn", "awq")
 TABLE_DTYPES = ("float32", "int8", "int4")  # lm_head and embeddings
-EMITS = ("qdq", "matmulnbits")
+EMITS = ("qdq", "matmulnbits", "matmulinteger_u8", "matmulinteger", "matmulintegertofloat")
+#: ``activations``: float, or int8 quantized at run time (W8A8, with ``weights: int8``)
+ACTIVATIONS = ("float", "int8_per_token", "int8_per_tensor")
+INT8_ACTIVATIONS = ACTIVATIONS[1:]
+#: the W8A8 graph forms (``omni_export.export.w8a8_linear``); the others are the weight-only forms
+W8A8_EMITS = ("matmulinteger_u8", "matmulinteger", "matmulintegertofloat")
+#: keys recorded in the manifest's recipe only when set (so bundles without W8A8 keep their recipe)
+OPTIONAL_KEYS = {"activations": "float", "smooth_alpha": None}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 CALIBRATION_KEYS = ("source", "samples", "sequence_length")
@@ -132,7 +141,14 @@ KEYS: dict[str, KeySpec] = {
     "embeddings": KeySpec(" | ".join(TABLE_DTYPES), _one_of(TABLE_DTYPES),
                           lambda m: "float32" if _is_float(m["weights"]) else "int8",
                           "float32 for float weights, int8 for int4"),
-    "emit": KeySpec("qdq | matmulnbits", _one_of(EMITS), lambda m: "qdq", "qdq"),
+    "activations": KeySpec(" | ".join(ACTIVATIONS), _one_of(ACTIVATIONS), lambda m: "float", "float"),
+    "smooth_alpha": KeySpec("null or a number in [0, 1]",
+                            lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    and 0 <= v <= 1),
+                            lambda m: None, "null (no smoothing)"),
+    "emit": KeySpec(" | ".join(EMITS), _one_of(EMITS),
+                    lambda m: W8A8_EMITS[0] if m.get("activations") in INT8_ACTIVATIONS else "qdq",
+                    "qdq, matmulinteger_u8 for int8 activations"),
 }
 
 
@@ -163,11 +179,25 @@ class ModuleRecipe:
     lm_head: str | None
     embeddings: str | None
     emit: str
+    #: int8 activations (W8A8) or float; None for a module without the key
+    activations: str | None = None
+    #: SmoothQuant alpha of a W8A8 module, None: no smoothing
+    smooth_alpha: float | None = None
 
     @property
     def quantized(self) -> bool:
         """True if the module's linear weights are integer (int4, int8)."""
         return self.weights in INT_WEIGHTS
+
+    @property
+    def w8a8(self) -> bool:
+        """True if the module's activations are int8 at run time (with int8 weights)."""
+        return self.activations in INT8_ACTIVATIONS
+
+    @property
+    def calibrates(self) -> bool:
+        """True if the build runs calibration data through the module (AWQ, W8A8 smoothing)."""
+        return self.method == "awq" or self.smooth_alpha is not None
 
     @property
     def float_dtype(self) -> str:
@@ -181,7 +211,7 @@ class ModuleRecipe:
     def to_json(self) -> dict:
         keys = _registry()[self.name].recipe_keys
         return {key: list(getattr(self, key)) if key in ("keep_float", "keep_fp32") else getattr(self, key)
-                for key in keys}
+                for key in keys if key not in OPTIONAL_KEYS or getattr(self, key) != OPTIONAL_KEYS[key]}
 
 
 @dataclass(frozen=True)
@@ -233,7 +263,8 @@ class Recipe:
         """This recipe calibrating on the JSONL file ``path`` (``--calib FILE``), checked now."""
         path = Path(path)
         if self.calibration is None:
-            raise RecipeError(f"recipe {self.name!r} does not calibrate (no module uses method awq), "
+            raise RecipeError(f"recipe {self.name!r} does not calibrate (no module uses method awq or "
+                              "smooth_alpha), "
                               "so it has no use for a calibration file", path=path,
                               fix="drop --calib, or use a recipe with method awq such as --recipe awq")
         return dataclasses.replace(self, calibration=_file_calibration(self.calibration, path))
@@ -247,6 +278,11 @@ class Recipe:
         registry = _registry()
         modules = {name: dataclasses.replace(m, **{key: value}) if key in registry[name].recipe_keys else m
                    for name, m in self.modules.items()}
+        for m in modules.values():  # an emit override keeps weight-only and W8A8 forms apart
+            if m.emit is not None and m.w8a8 != (m.emit in W8A8_EMITS):
+                forms = W8A8_EMITS if m.w8a8 else tuple(e for e in EMITS if e not in W8A8_EMITS)
+                raise RecipeError(f"{flag or key} {value!r} does not fit modules.{m.name} "
+                                  f"({'W8A8' if m.w8a8 else 'weight-only'})", fix=f"use one of: {', '.join(forms)}")
         return dataclasses.replace(self, modules=modules)
 
 
@@ -257,7 +293,11 @@ def recipe_summary(recipe_json: dict) -> str:
     parts = []
     for name, m in (recipe_json.get("modules") or {}).items():
         text = f"{name} {m.get('weights')}"
-        if m.get("method") not in (None, "none"):
+        if m.get("activations") not in (None, "float"):
+            text += f" w8a8 activations {m['activations']}"
+            if m.get("smooth_alpha") is not None:
+                text += f" smooth {m['smooth_alpha']}"
+        elif m.get("method") not in (None, "none"):
             sym = "sym" if m.get("symmetric") else "asym"
             text += f" {m['method']} g{m.get('group_size')} {sym}"
         for table in ("lm_head", "embeddings"):
@@ -353,10 +393,10 @@ def parse_recipe(data, source: str, base: Path | None = None, target: str = DEFA
                 else settings
         modules[module_name] = _parse_module(module_name, settings, bad)
 
-    uses_awq = [m.name for m in modules.values() if m.method == "awq"]
+    uses_awq = [m.name for m in modules.values() if m.calibrates]
     raw_cal = data.get("calibration")
     if raw_cal is not None and not uses_awq:
-        raise bad("calibration is set but no module uses method awq",
+        raise bad("calibration is set but no module uses method awq (or smooth_alpha)",
                   "remove the calibration section, or set method: awq on a module")
     calibration = _parse_calibration(raw_cal, bad, source, base) if uses_awq else None
     return Recipe(name, description, modules, calibration, source, target)
@@ -446,7 +486,21 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
     if weights in FLOAT_WEIGHTS and method != "none":
         raise bad(f"modules.{name}: method {method} quantizes, but weights is {weights}",
                   f"set weights: int4 to quantize with {method}, or method: none to keep {weights}")
-    if weights in module.planned:  # a precision the schema knows and the module will build later
+    w8a8 = values.get("activations") in INT8_ACTIVATIONS
+    if w8a8:
+        _check_w8a8(name, values, bad)
+        if settings.get("symmetric") is False:
+            raise bad(f"modules.{name}: W8A8 weights and activations are symmetric, got symmetric: false",
+                      "remove symmetric (or set symmetric: true)")
+        values["symmetric"] = True
+    else:
+        if values.get("emit") in W8A8_EMITS:
+            raise bad(f"modules.{name}.emit: {values['emit']} is a W8A8 form (int8 activations)",
+                      "set activations: int8_per_token with weights: int8 (recipes/w8a8.yaml), or emit: qdq")
+        if values.get("smooth_alpha") is not None:
+            raise bad(f"modules.{name}.smooth_alpha is set but activations is {values.get('activations')}",
+                      "smoothing is for int8 activations: set activations: int8_per_token, or remove smooth_alpha")
+    if weights in module.planned and not w8a8:  # a precision the schema knows and the module will build later
         raise bad(f"modules.{name}.weights: {module.planned[weights]}",
                   f"use weights: {' | '.join(module.precisions)}")
     if method != "none" and method not in module.methods:
@@ -478,6 +532,23 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
                           f"the linears are: {', '.join(module.linears)}")
         values["keep_float"] = tuple(values["keep_float"])
     return ModuleRecipe(name=name, **values)
+
+
+def _check_w8a8(name: str, values: dict, bad) -> None:
+    """A W8A8 section (int8 activations): int8 weights per channel, rtn, float32, a W8A8 emit."""
+    act = values["activations"]
+    if values["weights"] != "int8":
+        raise bad(f"modules.{name}: activations {act} needs weights int8 (W8A8), got {values['weights']}",
+                  "set weights: int8 (see recipes/w8a8.yaml), or activations: float")
+    if values["method"] != "rtn":
+        raise bad(f"modules.{name}: W8A8 weights are round-to-nearest per output channel, got method "
+                  f"{values['method']}", "set method: rtn (smoothing is smooth_alpha)")
+    if values["dtype"] != "float32":
+        raise bad(f"modules.{name}: W8A8 activations are quantized from float32, got dtype {values['dtype']}",
+                  "set dtype: float32")
+    if values["emit"] not in W8A8_EMITS:
+        raise bad(f"modules.{name}.emit: {values['emit']} is a weight-only form, not W8A8",
+                  f"use emit: {' | '.join(W8A8_EMITS)}")
 
 
 def _matches_some_linear(module: type[Module], pattern: str) -> bool:

@@ -13,7 +13,10 @@ after it; :meth:`Checkpoint.tensors` reads them, and a tensor the weights lack i
 :class:`CheckpointError` naming every missing tensor in full (:meth:`Checkpoint.require`).
 Tensors are read lazily with ``safetensors.safe_open`` so one component (or one layer) can be
 built at a time without loading the whole 7B model. A quantized checkpoint must be AutoAWQ
-GEMM 4-bit (:attr:`Checkpoint.autoawq`, checked by :meth:`Checkpoint.open`).
+GEMM 4-bit (:attr:`Checkpoint.autoawq`, checked by :meth:`Checkpoint.open`), or msModelSlim's
+AscendV1 output (:attr:`Checkpoint.modelslim`: ``quant_model_description.json`` and
+``quant_model_weights*.safetensors``, whose tensors join the float files' in the weight map;
+``omni_export.checkpoint.modelslim``).
 """
 
 from __future__ import annotations
@@ -84,6 +87,24 @@ class Checkpoint:
 
     @staticmethod
     def _weight_map(root: Path) -> dict[str, str]:
+        from omni_export.checkpoint import modelslim
+
+        if not modelslim.is_modelslim(root):
+            return Checkpoint._float_weight_map(root)
+        quantized = modelslim.weight_map(root)  # a ModelSlimError (a CheckpointError) if unreadable
+        modelslim.check_described(modelslim.read_description(root), quantized)
+        # the float modules msModelSlim does not write (talker, token2wav), if present
+        has_float = (root / INDEX_FILE).is_file() or (root / SINGLE_FILE).is_file()
+        floats = Checkpoint._float_weight_map(root) if has_float else {}
+        both = sorted(set(floats) & set(quantized))
+        if both:
+            raise CheckpointError(f"tensors both in msModelSlim's weights and the float weights: {', '.join(both[:5])}",
+                                  path=root, fix="keep only the float modules msModelSlim did not write "
+                                                 "(talker, token2wav) in model.safetensors")
+        return {**floats, **quantized}
+
+    @staticmethod
+    def _float_weight_map(root: Path) -> dict[str, str]:
         index = root / INDEX_FILE
         if index.is_file():
             try:
@@ -134,6 +155,14 @@ class Checkpoint:
             raise CheckpointError(f"not valid JSON ({exc})", path=path, fix="restore the file from the original checkpoint") from None
 
     # ---------------------------------------------------------------- tensors
+    @cached_property
+    def modelslim(self):
+        """msModelSlim's ``quant_model_description.json``
+        (``omni_export.checkpoint.modelslim.ModelSlimDescription``), or None for other checkpoints."""
+        from omni_export.checkpoint import modelslim
+
+        return modelslim.read_description(self.root) if modelslim.is_modelslim(self.root) else None
+
     @cached_property
     def autoawq(self) -> dict | None:
         """The AutoAWQ GEMM 4-bit settings of config.json's ``quantization_config``

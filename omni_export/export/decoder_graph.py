@@ -147,6 +147,7 @@ def build_decoder_graph(
     input_width: int | None = None,
     dtype: str = "float32",
     keep_fp32: tuple[str, ...] = (),
+    builder: type[GraphBuilder] = GraphBuilder,
 ) -> ExportedGraph:
     """Write ``file_name`` (+ ``.data``) from a stream of layers; returns its IO.
 
@@ -162,9 +163,12 @@ def build_decoder_graph(
     ``layers`` is consumed one at a time: each layer's weights go to disk before the next is
     requested. ``lm_head`` is called after the last layer (its weight is the largest tensor).
     ``on_layer(i, bytes_written)`` is called after each layer's weights are on disk.
+
+    ``builder``: the ``GraphBuilder`` class that writes the linears
+    (``export.w8a8_linear.W8A8GraphBuilder`` for W8A8 weights, with ``emit`` its form).
     """
-    g = GraphBuilder(out_dir, file_name, emit=emit, accuracy_level=accuracy_level, dtype=dtype,
-                     keep_fp32=keep_fp32)
+    g = builder(out_dir, file_name, emit=emit, accuracy_level=accuracy_level, dtype=dtype,
+                keep_fp32=keep_fp32)
     kv_type = ir.DataType.FLOAT16 if dims.kv_dtype == "float16" else F
     if kv_type != g.F:
         raise ValueError(f"{file_name}: kv_dtype {dims.kv_dtype} must be the compute type {dtype}")

@@ -10,7 +10,15 @@ Recipe section ``modules.thinker`` (every key of ``omni_export.build.recipes.KEY
 - ``weights: int4, method: awq``: activation-aware scales searched on calibration data, folded
   into the preceding norm / linear, then clipping search and int4 (``omni_export.quant.awq``);
 - an AutoAWQ GEMM checkpoint (``quantization_config`` in config.json) with an int4 recipe is
-  imported exactly: its int4 levels, zero points and scales go into the bundle unchanged.
+  imported exactly: its int4 levels, zero points and scales go into the bundle unchanged;
+- ``weights: int8, activations: int8_per_token`` (W8A8, recipes/w8a8.yaml): int8 weights per
+  output channel and int8 activations quantized per token at run time
+  (``omni_export.quant.w8a8``, graph ``omni_export.export.w8a8_linear``); ``smooth_alpha``
+  folds SmoothQuant scales from calibration activations into the RMSNorms first;
+- msModelSlim's AscendV1 output (``quant_model_description.json``) with a W8A8 recipe is
+  imported exactly: its W8A8_DYNAMIC int8 weights and scales go into the bundle unchanged, its
+  FLOAT linears stay float, whatever the recipe's ``keep_float`` / ``smooth_alpha`` say
+  (``omni_export.checkpoint.modelslim``). With any other recipe its int8 linears are dequantized.
 
 Each decoder layer is read from the safetensors files, quantized and written to the graph's
 external data before the next one is read, so memory holds about one layer, plus the
@@ -55,7 +63,9 @@ class ThinkerModule(Module):
     graphs = MODULE_GRAPHS[name]
     recipe_keys = tuple(KEYS)
     precisions = ("float32", "float16", "int4")
-    planned = {"int8": "int8 weights arrive with the w8a8 recipe"}
+    #: int8 weights are built with int8 activations only (W8A8); weight-only int8 is not offered
+    planned = {"int8": "int8 thinker weights are built with int8 activations (W8A8): set activations: "
+                       "int8_per_token (recipes/w8a8.yaml)"}
     methods = ("rtn", "awq")
     fp32_parts = ("norm",)
     prefixes = ("thinker.model.language_model.", "thinker.model.")  # transformers 5.x, 4.5x
@@ -66,6 +76,35 @@ class ThinkerModule(Module):
     def imports_autoawq(self) -> bool:
         """An AutoAWQ checkpoint built with an int4 recipe: its int4 weights go in as they are."""
         return self.ckpt.autoawq is not None and self.settings.quantized
+
+    @property
+    def imports_modelslim(self) -> bool:
+        """An msModelSlim AscendV1 checkpoint built with a W8A8 recipe: its int8 weights go in as they are."""
+        return self.ckpt.modelslim is not None and self.settings.w8a8
+
+    def check(self) -> None:
+        """Also refuse, before any work, an msModelSlim checkpoint whose thinker linears this
+        importer does not read (the error names the tensor and its type)."""
+        super().check()
+        if not self.imports_modelslim:
+            return
+        from omni_export.checkpoint.modelslim import SUPPORTED_TYPES, W8A8_DYNAMIC, ModelSlimError
+
+        desc = self.ckpt.modelslim
+        weights = self.weights()
+        targets = [f"{weights.layer_path(i)}{path}" for i in range(weights.num_layers) for path in LINEARS.values()]
+        names = [weights.names[f"{t}.weight"] for t in targets if weights.has(f"{t}.weight")]
+        names.append(weights.lm_head_name())
+        for name in names:
+            kind = desc.type_of(name)
+            if kind not in SUPPORTED_TYPES:
+                raise ModelSlimError(f"tensor {name} has quantization type {kind}, which this importer does not read "
+                                     f"(it reads {', '.join(SUPPORTED_TYPES)})", path=desc.path,
+                                     fix="re-export with msModelSlim's W8A8 dynamic recipe, or build from the float "
+                                         "checkpoint with --recipe w8a8")
+        if self.settings.activations != "int8_per_token" and any(desc.type_of(n) == W8A8_DYNAMIC for n in names):
+            raise ModelSlimError(f"msModelSlim's W8A8_DYNAMIC activations are per token, the recipe asks for "
+                                 f"{self.settings.activations}", path=desc.path, fix="set activations: int8_per_token")
 
     def dims(self) -> TextDims:
         import dataclasses
@@ -83,7 +122,7 @@ class ThinkerModule(Module):
         layer = d.layer_float_bytes(cfg.intermediate_size)
         table = 4 * d.vocab_size * d.hidden_size
         calib = 0
-        if self.settings.method == "awq" and not self.imports_autoawq:
+        if self.settings.calibrates and not self.imports_autoawq and not self.imports_modelslim:
             c = self.calibration
             tokens = c.samples * c.sequence_length if c else 512
             calib = 4 * tokens * (4 * d.hidden_size + 2 * cfg.intermediate_size) * 2
@@ -134,9 +173,19 @@ class ThinkerModule(Module):
             if self.settings.keeps_float(f"{self.layer_prefix}.{i}.{path}"):
                 continue
             linear = getattr(layer, field)
+            if self.settings.w8a8:
+                from omni_export.quant.w8a8 import quantize_weight
+
+                setattr(layer, field, Linear(quantize_weight(linear.weight, self.w8a8_activations), linear.bias))
+                continue
             clip = None if clips is None else clips.get(path)
             setattr(layer, field, Linear(self._quantize(linear.weight, 4, clip), linear.bias))
         return layer
+
+    @property
+    def w8a8_activations(self) -> str:
+        """``per_token`` / ``per_tensor``: the W8A8 activation scales of the recipe (``activations``)."""
+        return self.settings.activations.removeprefix("int8_")
 
     def _layers(self, weights: ThinkerWeights, awq_stats: list) -> Iterator[DecoderLayer]:
         """The decoder layers as the recipe builds them (AWQ appends its per-layer statistics)."""
@@ -144,6 +193,11 @@ class ThinkerModule(Module):
         if self.imports_autoawq:
             for i in range(weights.num_layers):
                 yield self._autoawq_layer(weights, i)
+        elif self.imports_modelslim:
+            for i in range(weights.num_layers):
+                yield self._modelslim_layer(weights, i)
+        elif s.w8a8 and s.smooth_alpha is not None:
+            yield from self._smoothed_layers(weights, awq_stats)
         elif s.method == "none":  # float weights (an AutoAWQ checkpoint's dequantized)
             yield from self.float_layers()
         elif s.method == "rtn":
@@ -193,6 +247,96 @@ class ThinkerModule(Module):
                           "search_seconds": {k: round(v, 2) for k, v in layer_stats.seconds.items()},
                           "ratios": layer_stats.ratios})
             yield self._quantize_layer(i, scaled, clips)
+
+    def _smoothed_layers(self, weights: ThinkerWeights, stats: list) -> Iterator[DecoderLayer]:
+        """W8A8 with SmoothQuant, one decoder layer at a time: the calibration tokens are embedded
+        and run through the float layers (transformers' ``Qwen2_5OmniDecoderLayer``); the
+        per-channel absmax of the activation entering q/k/v and gate/up gives the smoothing
+        scales (``quant.w8a8.smooth_scales``, ``smooth_alpha``), folded into the two RMSNorms and
+        those linears; the smoothed float layer computes the same function, so the float output
+        is the next layer's input. Then the linears are quantized (``_quantize_layer``)."""
+        import torch
+
+        from omni_export.build.calibration import calibration_ids
+        from omni_export.export.thinker_weights import torch_decoder_layer
+        from omni_export.quant.awq import layer_kwargs_for
+        from omni_export.quant.w8a8 import fold_smoothing, smooth_scales
+
+        text_config = self.ckpt.text_config()
+        ids = calibration_ids(self.calibration, self.ckpt)
+        table = weights.embedding()
+        hidden = torch.from_numpy(table[ids])  # [samples, seq, hidden]
+        del table
+        kwargs = layer_kwargs_for(text_config, ids.shape[1])
+        alpha = float(self.settings.smooth_alpha)
+        groups = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                  ("post_attention_layernorm", ("gate_proj", "up_proj")))
+        for i in range(weights.num_layers):
+            started = time.perf_counter()
+            layer = weights.float_layer(i)
+            module = torch_decoder_layer(text_config, i, layer)
+            absmax: dict[str, torch.Tensor] = {}
+
+            def hook(name):
+                def record(_module, args):
+                    x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
+                    absmax[name] = x if name not in absmax else torch.maximum(absmax[name], x)
+                return record
+
+            handles = [module.get_submodule(LINEARS[fields[0]]).register_forward_pre_hook(hook(norm))
+                       for norm, fields in groups]
+            with torch.no_grad():
+                out = module(hidden, **kwargs)
+            for handle in handles:
+                handle.remove()
+            hidden = out[0] if isinstance(out, tuple) else out
+            del module
+            layer_stats = {"layer": i}
+            for norm, fields in groups:
+                linears = [getattr(layer, f) for f in fields]
+                s = smooth_scales(absmax[norm].numpy(), [lin.weight for lin in linears], alpha)
+                new_norm, new_weights = fold_smoothing(getattr(layer, norm), [lin.weight for lin in linears], s)
+                setattr(layer, norm, new_norm)
+                for field, lin, w in zip(fields, linears, new_weights):
+                    lin.weight = w
+                layer_stats[norm] = {"scale_min": round(float(s.min()), 5), "scale_max": round(float(s.max()), 5)}
+            layer_stats["seconds"] = round(time.perf_counter() - started, 2)
+            stats.append(layer_stats)
+            yield self._quantize_layer(i, layer)
+
+    def _modelslim_layer(self, weights: ThinkerWeights, i: int) -> DecoderLayer:
+        """Layer ``i`` of an msModelSlim checkpoint: its W8A8_DYNAMIC linears exactly as stored
+        (int8 levels, float32 scales), its FLOAT linears, norms and biases in float."""
+        from omni_export.checkpoint.modelslim import read_w8a8_linear
+        from omni_export.export.decoder_graph import DecoderLayer
+        from omni_export.export.onnx_graph import Linear
+
+        p = weights.layer_path(i)
+        linears = {}
+        for field, path in LINEARS.items():
+            target = f"{p}{path}"
+            prefix = weights.names[f"{target}.weight"][: -len(".weight")]
+            w8a8 = read_w8a8_linear(self.ckpt, self.ckpt.modelslim, prefix)
+            if w8a8 is None:
+                linears[field] = weights.linear(target)
+            else:
+                bias = weights.read([f"{target}.bias"])[f"{target}.bias"] if weights.has(f"{target}.bias") else None
+                linears[field] = Linear(w8a8, bias)
+        return DecoderLayer(**weights.norms(i), **linears)
+
+    def _modelslim_lm_head(self, weights: ThinkerWeights):
+        """The lm_head of an msModelSlim checkpoint: W8A8 as stored, or the recipe's table of a FLOAT one."""
+        from omni_export.checkpoint.modelslim import read_w8a8_linear
+        from omni_export.export.onnx_graph import Linear
+
+        w8a8 = read_w8a8_linear(self.ckpt, self.ckpt.modelslim, weights.lm_head_name()[: -len(".weight")])
+        return Linear(w8a8) if w8a8 is not None else Linear(self._table("lm_head", weights.lm_head))
+
+    def _modelslim_keep_float(self, weights: ThinkerWeights) -> list[str]:
+        """The thinker linears msModelSlim left FLOAT (local names, as ``keep_float`` names them)."""
+        desc = self.ckpt.modelslim
+        return [f"{weights.layer_path(i)}{path}" for i in range(weights.num_layers) for path in LINEARS.values()
+                if desc.type_of(weights.names[f"{weights.layer_path(i)}{path}.weight"]) == "FLOAT"]
 
     def _autoawq_layer(self, weights: ThinkerWeights, i: int) -> DecoderLayer:
         """Layer ``i`` of an AutoAWQ checkpoint: its int4 linears exactly as stored, norms and biases in float."""
@@ -246,14 +390,23 @@ class ThinkerModule(Module):
                          i + 2, total)
 
         def lm_head() -> Linear:
+            if self.imports_modelslim:
+                return self._modelslim_lm_head(weights)
             return Linear(self._table("lm_head", weights.lm_head))
 
+        builder = {}
+        if s.w8a8:
+            from omni_export.export.w8a8_linear import W8A8GraphBuilder
+
+            builder = {"builder": W8A8GraphBuilder}
         decoder = thinker_decoder.build_graph(dims, self._layers(weights, awq_stats), weights.final_norm(), lm_head,
                                               ctx.out_dir, emit=s.emit, accuracy_level=s.accuracy_level,
-                                              on_layer=on_layer, dtype=s.dtype, keep_fp32=s.keep_fp32)
+                                              on_layer=on_layer, dtype=s.dtype, keep_fp32=s.keep_fp32, **builder)
         ctx.progress("thinker done", total, total)
         quant = None
-        if s.quantized:
+        if s.w8a8:
+            quant = self._w8a8_quantization()
+        elif s.quantized:
             quant = {"weights": s.weights, "method": "autoawq" if self.imports_autoawq else s.method,
                      "group_size": self.ckpt.autoawq["group_size"] if self.imports_autoawq else s.group_size,
                      "symmetric": s.symmetric, "accuracy_level": s.accuracy_level, "emit": s.emit,
@@ -266,9 +419,27 @@ class ThinkerModule(Module):
                 "weight_bytes": {"per_layer": layer_bytes, "embeddings": embed_bytes,
                                  "lm_head_and_norm": max(0, decoder_bytes - sum(layer_bytes))}}
         if awq_stats:
-            info["awq"] = awq_stats
+            info["smoothing" if s.w8a8 else "awq"] = awq_stats
         return ModuleBuild({thinker_embedding.GRAPH_NAME: (embedding, embed_quant),
                             thinker_decoder.GRAPH_NAME: (decoder, quant)}, info)
+
+    def _w8a8_quantization(self) -> dict:
+        """The decoder's manifest ``quantization`` block of a W8A8 build."""
+        s = self.settings
+        quant = {"weights": "int8", "method": "rtn", "granularity": "channel", "symmetric": True,
+                 "activations": s.activations, "emit": s.emit, "lm_head": s.lm_head, "keep_float": list(s.keep_float),
+                 "smooth_alpha": s.smooth_alpha}
+        if self.imports_modelslim:
+            weights = self.weights()
+            head = self.ckpt.modelslim.type_of(weights.lm_head_name())
+            quant.update(method="modelslim", activations="int8_per_token", smooth_alpha=None,
+                         keep_float=self._modelslim_keep_float(weights), source=self.ckpt.modelslim.source(),
+                         lm_head="int8" if head == "W8A8_DYNAMIC" else s.lm_head)
+            if head == "W8A8_DYNAMIC":
+                return quant
+        if quant["lm_head"] in ("int8", "int4"):  # a block-quantized lm_head: DequantizeLinear + MatMul
+            quant["accuracy_level"] = s.accuracy_level
+        return quant
 
     def verify(self, ctx):
         from omni_export.verify.checks import thinker
@@ -283,6 +454,25 @@ class ThinkerWeights(DecoderWeights):
 
     def final_norm(self) -> np.ndarray:
         return self.read([FINAL_NORM])[FINAL_NORM]
+
+    def linear(self, target: str):
+        """The float linear ``target``; an msModelSlim W8A8 linear dequantized (what it means)."""
+        w8a8 = self._modelslim_w8a8(self.names.get(f"{target}.weight"))
+        if w8a8 is None:
+            return super().linear(target)
+        from omni_export.export.onnx_graph import Linear
+
+        bias = self.read([f"{target}.bias"])[f"{target}.bias"] if self.has(f"{target}.bias") else None
+        return Linear(w8a8.dequantize(), bias)
+
+    def _modelslim_w8a8(self, name: str | None):
+        """The W8A8Weight of checkpoint weight ``name`` if it is an msModelSlim int8 tensor, else None."""
+        desc = self.ckpt.modelslim
+        if desc is None or name is None or desc.type_of(name) in (None, "FLOAT"):
+            return None
+        from omni_export.checkpoint.modelslim import read_w8a8_linear
+
+        return read_w8a8_linear(self.ckpt, desc, name[: -len(".weight")])
 
     def embedding(self) -> np.ndarray:
         """The token embedding table [vocab, hidden] float32."""
@@ -304,6 +494,9 @@ class ThinkerWeights(DecoderWeights):
     def lm_head(self) -> np.ndarray:
         """The lm_head weight [vocab, hidden] float32 (the embedding table when tied)."""
         prefixes, name = self._lm_head()
+        w8a8 = self._modelslim_w8a8(self.ckpt.prefix(prefixes) + name)
+        if w8a8 is not None:
+            return w8a8.dequantize()
         return self.ckpt.tensors(prefixes, [name])[name].numpy()
 
 

@@ -113,3 +113,46 @@ class ChannelQuantWeight:
     def dequantize(self) -> np.ndarray:
         """float32 weight of the same shape: ``q * scales`` broadcast along axis 0."""
         return self.q.astype(np.float32) * self.scales.reshape((-1,) + (1,) * (self.q.ndim - 1))
+
+
+#: activation quantization of a W8A8 linear: int8 symmetric, scale computed at run time per token
+#: (msModelSlim's W8A8_DYNAMIC) or per tensor (one scale for the whole input)
+W8A8_ACTIVATIONS = ("per_token", "per_tensor")
+
+
+@dataclass
+class W8A8Weight:
+    """A W8A8 linear: int8 weight per output channel, symmetric, and int8 activations quantized
+    at run time (``activations``: per token or per tensor, symmetric absmax / 127).
+
+    ``q`` int8 [N, K] (a ``nn.Linear.weight`` layout), ``scales`` float32 [N]:
+    ``y = (xq @ q.T) * scales * x_scale``. SmoothQuant scales, when used, are already folded into
+    ``q`` and the preceding norm (``omni_export.quant.w8a8``)."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    activations: str = "per_token"
+    bits: int = 8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.nbytes + self.scales.nbytes)
+
+    def validate(self) -> "W8A8Weight":
+        """Check dtypes, shapes and the activation mode; returns self (raises ValueError)."""
+        if self.q.dtype != np.int8 or self.q.ndim != 2:
+            raise ValueError(f"W8A8 weight levels must be int8 [N, K], got {self.q.dtype} {self.q.shape}")
+        if self.scales.dtype != np.float32 or self.scales.shape != (self.q.shape[0],):
+            raise ValueError(f"W8A8 weight scales must be float32 [{self.q.shape[0]}], got "
+                             f"{self.scales.dtype} {self.scales.shape}")
+        if self.activations not in W8A8_ACTIVATIONS:
+            raise ValueError(f"W8A8 activations must be one of {W8A8_ACTIVATIONS}, got {self.activations!r}")
+        return self
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K]: ``q * scales[n]`` (what the weight means without the activation rounding)."""
+        return self.q.astype(np.float32) * self.scales[:, None]
