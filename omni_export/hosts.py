@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from omni_runtime.atomic import write_atomic
 from omni_runtime.errors import InputError
 
 INPUTS_FILE = "inputs.json"
@@ -52,20 +52,6 @@ class Tokenized:
         return body
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _save_npy(folder: Path, name: str, array: np.ndarray) -> str:
     array = np.ascontiguousarray(array)
     if array.dtype.kind == "f":
@@ -79,7 +65,7 @@ def _save_npy(folder: Path, name: str, array: np.ndarray) -> str:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
 
-    _write_atomic(folder / name, write)
+    write_atomic(folder / name, write)
     return name
 
 
@@ -165,7 +151,7 @@ def tokenize(bundle: str | os.PathLike, prompt: str | None, audio: list[str] | N
     def write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(body) + "\n", encoding="utf-8")
 
-    _write_atomic(target, write)
+    write_atomic(target, write)
     result.files = sorted({*(v for enc in body["encoders"].values() for v in enc.values()),
                            *([body["noise"]] if "noise" in body else []), INPUTS_FILE})
     result.inputs = target
