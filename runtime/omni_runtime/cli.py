@@ -453,7 +453,7 @@ def _guarded(action) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``omni-runtime [-h] [--version] run ...``; returns the exit code."""
+    """``omni-runtime [-h] [--version] run|serve ...``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _Parser(prog="omni-runtime", allow_abbrev=False,
                      description="Run Qwen2.5-Omni ONNX bundles built by omni-export (no torch needed).",
@@ -461,8 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"omni-runtime {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help=RUN_DESCRIPTION, add_help=False)
+    commands.add_parser("serve", help="serve a bundle over an OpenAI-compatible HTTP API (needs "
+                                      "omni-runtime[serve])", add_help=False)
     if argv and argv[0] == "run":
         return run_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from omni_runtime.server.main import serve_main
+
+        return serve_main(argv[1:])
     try:
         args = parser.parse_args(argv)
     except _UsageError as exc:
