@@ -218,17 +218,11 @@ class ThinkerModule(Module):
         calibration activations are in memory at a time."""
         import torch
 
-        from omni_export.build.calibration import calibration_ids
         from omni_export.export.decoder_graph import DecoderLayer
         from omni_export.export.thinker_weights import torch_decoder_layer
-        from omni_export.quant.awq import AwqConfig, AwqStats, awq_layer, layer_kwargs_for
+        from omni_export.quant.awq import AwqConfig, AwqStats, awq_layer
 
-        text_config = self.ckpt.text_config()
-        ids = calibration_ids(self.calibration, self.ckpt)
-        table = weights.embedding()
-        hidden = torch.from_numpy(table[ids])  # [samples, seq, hidden]
-        del table
-        kwargs = layer_kwargs_for(text_config, ids.shape[1])
+        text_config, hidden, kwargs = self._calibration_states(weights)
         config = AwqConfig(group_size=self.settings.group_size, symmetric=self.settings.symmetric)
         for i in range(weights.num_layers):
             started = time.perf_counter()
@@ -248,6 +242,22 @@ class ThinkerModule(Module):
                           "ratios": layer_stats.ratios})
             yield self._quantize_layer(i, scaled, clips)
 
+    def _calibration_states(self, weights: ThinkerWeights):
+        """What AWQ and SmoothQuant run the float layers on: the text config, the calibration
+        tokens' embeddings ``[samples, seq, hidden]`` (torch) and the decoder layers' keyword
+        arguments (positions, mask) for that sequence length."""
+        import torch
+
+        from omni_export.build.calibration import calibration_ids
+        from omni_export.quant.awq import layer_kwargs_for
+
+        text_config = self.ckpt.text_config()
+        ids = calibration_ids(self.calibration, self.ckpt)
+        table = weights.embedding()
+        hidden = torch.from_numpy(table[ids])
+        del table
+        return text_config, hidden, layer_kwargs_for(text_config, ids.shape[1])
+
     def _smoothed_layers(self, weights: ThinkerWeights, stats: list) -> Iterator[DecoderLayer]:
         """W8A8 with SmoothQuant, one decoder layer at a time: the calibration tokens are embedded
         and run through the float layers (transformers' ``Qwen2_5OmniDecoderLayer``); the
@@ -257,17 +267,10 @@ class ThinkerModule(Module):
         is the next layer's input. Then the linears are quantized (``_quantize_layer``)."""
         import torch
 
-        from omni_export.build.calibration import calibration_ids
         from omni_export.export.thinker_weights import torch_decoder_layer
-        from omni_export.quant.awq import layer_kwargs_for
         from omni_export.quant.w8a8 import fold_smoothing, smooth_scales
 
-        text_config = self.ckpt.text_config()
-        ids = calibration_ids(self.calibration, self.ckpt)
-        table = weights.embedding()
-        hidden = torch.from_numpy(table[ids])  # [samples, seq, hidden]
-        del table
-        kwargs = layer_kwargs_for(text_config, ids.shape[1])
+        text_config, hidden, kwargs = self._calibration_states(weights)
         alpha = float(self.settings.smooth_alpha)
         groups = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
                   ("post_attention_layernorm", ("gate_proj", "up_proj")))
