@@ -131,7 +131,7 @@ def test_resident_policy_in_the_json(tiny_bundle, files):
 
 
 @pytest.mark.parametrize("case", ["no-bundle", "no-audio", "bad-memory", "repeats", "json-dir", "model-dir",
-                                  "device"])
+                                  "device", "not-audio"])
 def test_errors_name_the_problem(case, tiny_bundle, files, tmp_path):
     if case == "device":
         import onnxruntime
@@ -147,6 +147,8 @@ def test_errors_name_the_problem(case, tiny_bundle, files, tmp_path):
         "model-dir": ([tiny_bundle, "--model", tmp_path], str(tmp_path)),
         # CUDA where onnxruntime has none (this machine): said once, before any measured process
         "device": ([tiny_bundle, "--device", "cuda"], "--device cpu"),
+        # found only by the measured process (the runtime decodes the media): its InputError, once
+        "not-audio": ([tiny_bundle, "--audio", files["folder"] / "picture.png"], "has no audio track"),
     }[case]
     proc = bench(*args[0], timeout=60)
     assert proc.returncode == 2, proc.stderr

@@ -135,6 +135,17 @@ def spec_of(options: BenchOptions) -> dict:
             "ignore_eos": options.ignore_eos}
 
 
+def _input_error(child) -> InputError | None:
+    """The InputError a runtime child reported for the request (exit code 2, runtime_side.main)."""
+    if child.returncode != 2 or child.killed is not None:
+        return None
+    try:
+        error = child.record().get("input_error")
+    except (ValueError, AttributeError):
+        return None
+    return None if not error else InputError(error["problem"], path=error.get("path"), fix=error.get("fix"))
+
+
 def _child_cmd(side: str, spec: dict) -> list[str]:
     return [sys.executable, "-m", f"omni_export.bench.{side}_side", json.dumps(spec)]
 
@@ -152,6 +163,9 @@ def run(options: BenchOptions, log=lambda message: None) -> dict:
     for rep in range(options.repeats):
         for side in sides:
             child = run_child(_child_cmd(side, spec), timeout=options.timeout, rss_limit=rss_limit, env=env)
+            bad = _input_error(child) if side == "runtime" else None
+            if bad is not None:
+                raise bad  # e.g. a media file the runtime cannot decode: every repeat would fail alike
             if not child.ok:
                 failures.append(f"{side} repeat {rep + 1}: {child.failure()}")
                 log(f"{side} repeat {rep + 1}/{options.repeats}: FAILED {child.failure()}")

@@ -289,7 +289,13 @@ def measure(spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(argv[0])
-    record = measure(spec)
+    from omni_runtime.errors import InputError
+
+    try:
+        record = measure(spec)
+    except InputError as exc:  # the request itself is bad: the parent says so once (driver._input_error)
+        print(json.dumps({"input_error": {"problem": exc.problem, "path": exc.path, "fix": exc.fix}}))
+        return 2
     print(json.dumps(record))
     return 0
 
