@@ -100,6 +100,11 @@ def tiny(
     w8a8_modelslim: bool = typer.Option(False, "--w8a8-modelslim", help="Write msModelSlim's AscendV1 W8A8_DYNAMIC "
                                         "output (quant_model_description.json + quant_model_weights*.safetensors; "
                                         "lm_head and mlp.down_proj FLOAT) with the float talker and token2wav."),
+    modelslim_static: Optional[list[str]] = typer.Option(
+        None, "--modelslim-static", metavar="PATTERN",
+        help="With --w8a8-modelslim: thinker modules (fnmatch, e.g. 'model.layers.*.self_attn.*') written as "
+             "msModelSlim's static W8A8 (per-tensor activation scale and offset from a calibration run). "
+             "Repeatable."),
 ) -> None:
     """Write a random-weight Qwen2.5-Omni checkpoint in the real on-disk layout."""
     from omni_export.build.bundle_writer import check_output
@@ -115,12 +120,15 @@ def tiny(
         fail(exc)
     if awq and w8a8_modelslim:
         fail(OmniError("--awq and --w8a8-modelslim are two checkpoint layouts", fix="pass one of them"))
+    if modelslim_static and not w8a8_modelslim:
+        fail(OmniError("--modelslim-static is a part of the --w8a8-modelslim layout", fix="add --w8a8-modelslim"))
     with interruptible("tiny"):
         try:
             if w8a8_modelslim:
                 from omni_export.testkit.modelslim_writer import write_modelslim_checkpoint
 
-                path = write_modelslim_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True)
+                path = write_modelslim_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True,
+                                                  static=tuple(modelslim_static or ()))
             else:
                 path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True, awq=awq)
         except FileExistsError:

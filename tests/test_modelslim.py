@@ -11,6 +11,10 @@ sharded with an index, every key prefixed ``thinker.`` as the Omni adapter leave
   ``quant.w8a8.quantize_weight`` on these weights, so the outputs are equal exactly.
 - ``omni-export verify`` runs against the msModelSlim directory (its reference: the int8
   weights dequantized).
+- Static W8A8 (``W8A8``: attention linears with a calibrated per-tensor activation scale and
+  offset, ``quant_bias`` int32 and ``deq_scale`` as float32 or as msModelSlim's int64 bit
+  pattern): the bundle's int8 weights, quant_bias, deq_scale (as float32), input_scale and
+  input_offset are the files' bytes; the manifest lists the static linears; verify agrees.
 - A type the importer does not read is an error naming the tensor and the type, before any work.
 """
 
@@ -149,7 +153,7 @@ def test_verify_against_the_modelslim_directory(imported, modelslim_dir):
     assert report["thinker"]["top1_agreement"] >= 0.75
 
 
-@pytest.mark.parametrize("kind", ["W8A8", "W4A8_DYNAMIC", "W8A16"])
+@pytest.mark.parametrize("kind", ["W8A8_MIX", "W4A8_DYNAMIC", "W8A16"])
 def test_unsupported_type_names_the_tensor(modelslim_dir, tmp_path, kind):
     copy = tmp_path / "ms"
     shutil.copytree(modelslim_dir, copy)
@@ -188,3 +192,75 @@ def test_cli_tiny_writes_modelslim(tmp_path):
     result = run_cli("tiny", str(out), "--w8a8-modelslim")
     assert result.returncode == 0, result.stderr
     assert (out / "quant_model_description.json").is_file() and (out / "quant_model_weights.safetensors").is_file()
+
+
+STATIC = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["deq-int64", "deq-float32"])
+def static_import(request, tmp_path_factory):
+    base = tmp_path_factory.mktemp("static")
+    root = write_modelslim_checkpoint(base / "ms", seed=0, part_bytes=SHARD_BYTES,
+                                      static=("model.layers.*.self_attn.*",), deq_int64=request.param)
+    return root, build_bundle(root, recipe(base), base / "bundle"), request.param
+
+
+def test_static_import_is_bit_identical(static_import):
+    root, bundle, deq_int64 = static_import
+    tensors = file_tensors(root)
+    desc = json.loads((root / "quant_model_description.json").read_text())
+    assert desc["thinker.model_quant_type"] == "W8A8"  # W8A8 outranks W8A8_DYNAMIC (QUANT_TYPE_PRIORITY)
+    assert desc["thinker.model.layers.0.self_attn.q_proj.deq_scale"] == "W8A8"
+    assert desc["thinker.model.layers.0.mlp.gate_proj.weight"] == "W8A8_DYNAMIC"
+    init = {i.name: onnx.numpy_helper.to_array(i)
+            for i in onnx.load(str(bundle / "thinker_decoder.onnx")).graph.initializer}
+    layers = json.loads((bundle / "manifest.json").read_text())["config"]["thinker"]["num_hidden_layers"]
+    for i in range(layers):
+        for paths in (STATIC[:3], STATIC[3:]):
+            name = "+".join(f"layers.{i}.{p}" for p in paths)
+            start = 0
+            for p in paths:
+                stored = {part: tensors[f"thinker.model.layers.{i}.{p}.{part}"]
+                          for part in ("weight", "quant_bias", "deq_scale", "input_scale", "input_offset")}
+                assert stored["deq_scale"].dtype == (np.int64 if deq_int64 else np.float32)
+                deq = stored["deq_scale"].astype(np.int32).view(np.float32) if deq_int64 else stored["deq_scale"]
+                n = stored["weight"].shape[0]
+                assert np.array_equal(init[f"{name}.qweight"].T[start:start + n], stored["weight"])
+                assert init[f"{name}.quant_bias"].dtype == np.int32
+                assert np.array_equal(init[f"{name}.quant_bias"][start:start + n], stored["quant_bias"])
+                assert init[f"{name}.deq_scale"][start:start + n].tobytes() == deq.tobytes()
+                # q/k/v read one input: msModelSlim calibrated the same range, so one scale and offset
+                assert init[f"{name}.input_scale"].tobytes() == stored["input_scale"].tobytes()
+                assert init[f"{name}.input_offset"].tobytes() == stored["input_offset"].tobytes()
+                start += n
+            assert start == init[f"{name}.qweight"].shape[1]
+        assert f"layers.{i}.self_attn.q_proj.bias" not in init  # carried by quant_bias
+    quant = json.loads((bundle / "manifest.json").read_text())["graphs"]["thinker_decoder"]["quantization"]
+    assert quant["static_activations"] == [f"layers.{i}.{p}" for i in range(layers) for p in STATIC]
+    assert quant["source"]["model_quant_type"] == "W8A8"
+
+
+def test_static_import_verifies(static_import):
+    from omni_export.verify.driver import verify_bundle
+
+    root, bundle, _ = static_import
+    report = verify_bundle(bundle, root, prompts=2, tokens=8)
+    assert 0 < report["graphs"]["thinker_decoder"]["rel_rms"] <= 0.03
+    assert report["thinker"]["top1_agreement"] >= 0.75
+    result = run_cli("run", str(bundle), "--prompt", "hello", "--greedy", "--max-new-tokens", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 4
+
+
+def test_static_linear_missing_a_part_is_a_clear_error(static_import, tmp_path):
+    root, _, _ = static_import
+    copy = tmp_path / "ms"
+    shutil.copytree(root, copy)
+    path = copy / "quant_model_description.json"
+    desc = json.loads(path.read_text())
+    name = "thinker.model.layers.1.mlp.up_proj.weight"  # a W8A8_DYNAMIC linear re-typed static: no quant_bias
+    desc[name] = "W8A8"
+    path.write_text(json.dumps(desc))
+    with pytest.raises(CheckpointError, match="layers.1.mlp.up_proj has no quant_bias"):
+        build_bundle(copy, recipe(tmp_path), tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()

@@ -81,7 +81,9 @@ INT8_ACTIVATIONS = ACTIVATIONS[1:]
 #: the W8A8 graph forms (``omni_export.export.w8a8_linear``); the others are the weight-only forms
 W8A8_EMITS = ("matmulinteger_u8", "matmulinteger", "matmulintegertofloat")
 #: keys recorded in the manifest's recipe only when set (so bundles without W8A8 keep their recipe)
-OPTIONAL_KEYS = {"activations": "float", "smooth_alpha": None}
+OPTIONAL_KEYS = {"activations": "float", "smooth_alpha": None, "static_activations": ()}
+#: list-valued keys (tuples in ModuleRecipe, lists in the manifest)
+LIST_KEYS = ("keep_float", "keep_fp32", "static_activations")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 CALIBRATION_KEYS = ("source", "samples", "sequence_length")
@@ -149,6 +151,9 @@ KEYS: dict[str, KeySpec] = {
     "emit": KeySpec(" | ".join(EMITS), _one_of(EMITS),
                     lambda m: W8A8_EMITS[0] if m.get("activations") in INT8_ACTIVATIONS else "qdq",
                     "qdq, matmulinteger_u8 for int8 activations"),
+    "static_activations": KeySpec("a list of linear names or glob patterns (e.g. *.self_attn.*)",
+                                  lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
+                                  lambda m: [], "[] (every W8A8 linear quantizes its activation at run time)"),
 }
 
 
@@ -183,6 +188,8 @@ class ModuleRecipe:
     activations: str | None = None
     #: SmoothQuant alpha of a W8A8 module, None: no smoothing
     smooth_alpha: float | None = None
+    #: W8A8 linears whose activations take a calibrated per-tensor scale and offset (msModelSlim's W8A8)
+    static_activations: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -197,7 +204,7 @@ class ModuleRecipe:
     @property
     def calibrates(self) -> bool:
         """True if the build runs calibration data through the module (AWQ, W8A8 smoothing)."""
-        return self.method == "awq" or self.smooth_alpha is not None
+        return self.method == "awq" or self.smooth_alpha is not None or bool(self.static_activations)
 
     @property
     def float_dtype(self) -> str:
@@ -208,9 +215,13 @@ class ModuleRecipe:
         """True if ``linear`` (e.g. ``layers.0.mlp.down_proj``) matches a ``keep_float`` entry."""
         return any(fnmatch.fnmatchcase(linear, pattern) for pattern in self.keep_float)
 
+    def static_linear(self, linear: str) -> bool:
+        """True if W8A8 ``linear`` quantizes its activation with calibrated static parameters."""
+        return any(fnmatch.fnmatchcase(linear, pattern) for pattern in self.static_activations)
+
     def to_json(self) -> dict:
         keys = _registry()[self.name].recipe_keys
-        return {key: list(getattr(self, key)) if key in ("keep_float", "keep_fp32") else getattr(self, key)
+        return {key: list(getattr(self, key)) if key in LIST_KEYS else getattr(self, key)
                 for key in keys if key not in OPTIONAL_KEYS or getattr(self, key) != OPTIONAL_KEYS[key]}
 
 
@@ -500,6 +511,10 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
         if values.get("smooth_alpha") is not None:
             raise bad(f"modules.{name}.smooth_alpha is set but activations is {values.get('activations')}",
                       "smoothing is for int8 activations: set activations: int8_per_token, or remove smooth_alpha")
+        if values.get("static_activations"):
+            raise bad(f"modules.{name}.static_activations is set but activations is {values.get('activations')}",
+                      "static activations are for W8A8: set activations: int8_per_token with weights: int8, "
+                      "or remove static_activations")
     if weights in module.planned and not w8a8:  # a precision the schema knows and the module will build later
         raise bad(f"modules.{name}.weights: {module.planned[weights]}",
                   f"use weights: {' | '.join(module.precisions)}")
@@ -531,6 +546,13 @@ def _parse_module(name, settings, bad) -> ModuleRecipe:
                           f"write names as {example} or glob patterns such as *.{module.linears[1].split('.')[-1]}; "
                           f"the linears are: {', '.join(module.linears)}")
         values["keep_float"] = tuple(values["keep_float"])
+    if values.get("static_activations") is not None:
+        for pattern in values["static_activations"]:
+            if not _matches_some_linear(module, pattern):
+                raise bad(f"modules.{name}.static_activations: {pattern!r} matches no linear layer of the {name}",
+                          f"write names as {module.layer_prefix}.<i>.<linear> or glob patterns such as *.self_attn.*; "
+                          f"the linears are: {', '.join(module.linears)}")
+        values["static_activations"] = tuple(values["static_activations"])
     return ModuleRecipe(name=name, **values)
 
 

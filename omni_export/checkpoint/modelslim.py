@@ -29,8 +29,12 @@ from the float model's safetensors placed in the same directory (``model.safeten
 shards with ``model.safetensors.index.json``), as ``omni_export.checkpoint.reader`` reads them.
 
 This importer builds ``W8A8_DYNAMIC`` linears (bit for bit: the int8 weight and the float32
-scale are the files' bytes) and ``FLOAT`` tensors; any other type is a :class:`ModelSlimError`
-naming the tensor and its type.
+scale are the files' bytes), ``W8A8`` linears (static per-tensor activations: the int8 weight,
+``input_scale``, ``input_offset``, the int32 ``quant_bias`` and ``deq_scale`` are the files'
+bytes; a ``deq_scale`` stored as int64, msModelSlim's form for a model whose dtype is not
+bfloat16 (``save/utils/deqscale.py``: the float32's bit pattern as an int32, widened), is read
+back as that float32) and ``FLOAT`` tensors; any other type is a :class:`ModelSlimError` naming
+the tensor and its type.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import numpy as np
 from safetensors import safe_open
 
 from omni_export.checkpoint.reader import CheckpointError
-from omni_export.quant.types import W8A8Weight
+from omni_export.quant.types import W8A8StaticWeight, W8A8Weight
 
 DESCRIPTION_FILE = "quant_model_description.json"
 WEIGHTS_FILE = "quant_model_weights.safetensors"
@@ -56,8 +60,11 @@ GLOBAL_KEYS = ("version", "model_quant_type", "group_size", "kv_quant_type", "kv
 OMNI_PREFIX = "thinker."
 FLOAT = "FLOAT"
 W8A8_DYNAMIC = "W8A8_DYNAMIC"
-SUPPORTED_TYPES = (FLOAT, W8A8_DYNAMIC)
-FIX_TYPE = ("re-export the thinker with msModelSlim's W8A8 dynamic recipe (lab_practice/qwen2_5_omni_thinker/"
+W8A8_STATIC = "W8A8"
+SUPPORTED_TYPES = (FLOAT, W8A8_DYNAMIC, W8A8_STATIC)
+#: the tensors of a static W8A8 linear beside its weight (``AscendV1Saver.on_w8a8_static``)
+STATIC_PARTS = ("quant_bias", "input_scale", "input_offset", "deq_scale")
+FIX_TYPE = ("re-export the thinker with msModelSlim's W8A8 (dynamic or static) recipe (lab_practice/qwen2_5_omni_thinker/"
             "qwen2_5_omni_thinker_w8a8.yaml: weights int8 per channel, activations per token), or build from the "
             "float checkpoint with --recipe w8a8")
 
@@ -176,10 +183,12 @@ def _raw(ckpt, name: str) -> np.ndarray:
         return f.get_tensor(name)
 
 
-def read_w8a8_linear(ckpt, description: ModelSlimDescription, prefix: str) -> W8A8Weight | None:
+def read_w8a8_linear(ckpt, description: ModelSlimDescription, prefix: str
+                     ) -> W8A8Weight | W8A8StaticWeight | None:
     """The linear ``prefix`` (checkpoint name without ``.weight``) as msModelSlim stored it: a
-    ``W8A8Weight`` (levels and scales exactly the files') for ``W8A8_DYNAMIC``, None for
-    ``FLOAT``; any other type is a ModelSlimError naming the tensor and the type."""
+    ``W8A8Weight`` (levels and scales exactly the files') for ``W8A8_DYNAMIC``, a
+    ``W8A8StaticWeight`` for ``W8A8``, None for ``FLOAT``; any other type is a ModelSlimError
+    naming the tensor and the type."""
     weight = f"{prefix}.weight"
     kind = description.type_of(weight)
     if kind is None:
@@ -187,6 +196,8 @@ def read_w8a8_linear(ckpt, description: ModelSlimDescription, prefix: str) -> W8
                              fix="restore the description msModelSlim wrote")
     if kind == FLOAT:
         return None
+    if kind == W8A8_STATIC:
+        return _read_static_linear(ckpt, prefix)
     if kind != W8A8_DYNAMIC:
         raise ModelSlimError(f"tensor {weight} has quantization type {kind}, which this importer does not read "
                              f"(it reads {', '.join(SUPPORTED_TYPES)})", path=description.path, fix=FIX_TYPE)
@@ -212,3 +223,42 @@ def read_w8a8_linear(ckpt, description: ModelSlimDescription, prefix: str) -> W8
         raise ModelSlimError(f"tensor {prefix}.weight_offset is not all zeros: asymmetric int8 weights are not read "
                              "(msModelSlim's W8A8_DYNAMIC weights are symmetric)", path=ckpt.root, fix=FIX_TYPE)
     return W8A8Weight(np.ascontiguousarray(q), np.ascontiguousarray(scale.reshape(n)), "per_token").validate()
+
+
+def _read_static_linear(ckpt, prefix: str) -> W8A8StaticWeight:
+    """A ``W8A8`` (static) linear's tensors exactly as stored; deq_scale int64 read back as float32."""
+    for part in STATIC_PARTS:
+        if f"{prefix}.{part}" not in ckpt.weight_map:
+            raise ModelSlimError(f"the W8A8 linear {prefix} has no {part}", path=ckpt.root,
+                                 fix="copy every quant_model_weights shard msModelSlim wrote")
+    q = _raw(ckpt, f"{prefix}.weight")
+    if q.dtype != np.int8 or q.ndim != 2:
+        raise ModelSlimError(f"tensor {prefix}.weight is {q.dtype} {list(q.shape)}, W8A8 stores int8 [N, K]",
+                             path=ckpt.root, fix="restore the weights msModelSlim wrote")
+    n = q.shape[0]
+    parts = {part: _raw(ckpt, f"{prefix}.{part}") for part in STATIC_PARTS}
+    deq = parts["deq_scale"]
+    if deq.dtype == np.int64:  # float32 bits as int32, widened (msModelSlim's deqscale2int64)
+        if deq.size and (deq.min() < np.iinfo(np.int32).min or deq.max() > np.iinfo(np.int32).max):
+            raise ModelSlimError(f"tensor {prefix}.deq_scale is int64 beyond the int32 range: not a float32 "
+                                 "bit pattern as msModelSlim stores it", path=ckpt.root,
+                                 fix="restore the weights msModelSlim wrote")
+        deq = deq.astype(np.int32).view(np.float32)
+    expected = {"quant_bias": (np.int32, n), "input_scale": (np.float32, 1), "input_offset": (np.float32, 1),
+                "deq_scale": (np.float32, n)}
+    values = {**parts, "deq_scale": deq}
+    for part, (dtype, size) in expected.items():
+        value = values[part]
+        if value.dtype != dtype or value.size != size:
+            raise ModelSlimError(f"tensor {prefix}.{part} is {parts[part].dtype} {list(parts[part].shape)}, "
+                                 f"W8A8 stores {np.dtype(dtype).name} [{size}]"
+                                 + (" (int64 or float32 for deq_scale)" if part == "deq_scale" else ""),
+                                 path=ckpt.root, fix=FIX_TYPE)
+    try:
+        return W8A8StaticWeight(np.ascontiguousarray(q), values["input_scale"].reshape(1).copy(),
+                                values["input_offset"].reshape(1).copy(),
+                                np.ascontiguousarray(values["deq_scale"].reshape(n)),
+                                np.ascontiguousarray(values["quant_bias"].reshape(n))).validate()
+    except ValueError as exc:
+        raise ModelSlimError(f"the W8A8 linear {prefix}: {exc}", path=ckpt.root,
+                             fix="restore the weights msModelSlim wrote") from None

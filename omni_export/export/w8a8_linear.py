@@ -32,6 +32,17 @@ and then one of three forms (``emit``):
 All compute ``float32(int32 accumulation) * w_scale * x_scale`` (the accumulation of
 ``(levels + 128 - 128) * W`` is the same integer): ``quant.w8a8.w8a8_matmul`` is the numpy
 reference of each.
+
+Static activations (``omni_export.quant.types.W8A8StaticWeight``, msModelSlim's ``W8A8``): the
+levels come from the calibrated scale and offset, the int32 ``quant_bias`` is added to the
+accumulation and ``deq_scale`` multiplies once (``quant.w8a8.w8a8_static_matmul``)::
+
+    levels = Clip(Round(x / input_scale + input_offset), -128, 127)
+    y      = Cast(MatMulInteger(levels as uint8 + 128 | int8, W, 128 | -) + quant_bias, float) * deq_scale
+
+``matmulintegertofloat`` has no integer bias input (its float bias would round differently from
+``(acc + quant_bias) * deq_scale``), so a static linear is built with ``MatMulInteger`` in that
+form too: uint8 activations, the CPU's fast path.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ import onnx_ir as ir
 
 from omni_export.build.recipes import W8A8_EMITS
 from omni_export.export.onnx_graph import MS_DOMAIN, GraphBuilder, Linear
-from omni_export.quant.types import W8A8Weight
+from omni_export.quant.types import W8A8StaticWeight, W8A8Weight
 from omni_export.quant.w8a8 import ACT_EPS, QMAX
 
 __all__ = ["W8A8GraphBuilder", "W8A8_EMITS"]
@@ -59,6 +70,10 @@ class W8A8GraphBuilder(GraphBuilder):
         self._quantized: dict[tuple[int, str], tuple[ir.Value, ir.Value]] = {}
 
     def linear(self, x: ir.Value, linear: Linear, name: str) -> ir.Value:
+        if isinstance(linear.weight, W8A8StaticWeight):
+            if linear.bias is not None:  # quant_bias carries it (msModelSlim's AscendV1 W8A8)
+                raise ValueError(f"{name}: a static W8A8 linear carries its bias in quant_bias")
+            return self.w8a8_static_matmul(x, linear.weight, name)
         if not isinstance(linear.weight, W8A8Weight):
             return super().linear(x, linear, name)
         y = self.w8a8_matmul(x, linear.weight, name)
@@ -68,6 +83,8 @@ class W8A8GraphBuilder(GraphBuilder):
 
     def linears(self, x: ir.Value, linears: list[Linear], names: list[str]) -> list[ir.Value]:
         weights = [lin.weight for lin in linears]
+        if all(isinstance(w, W8A8StaticWeight) for w in weights):
+            return self._static_linears(x, linears, names)
         if not all(isinstance(w, W8A8Weight) for w in weights):
             return super().linears(x, linears, names)
         first = weights[0]
@@ -119,6 +136,41 @@ class W8A8GraphBuilder(GraphBuilder):
             int8 = self._shared(("s8", id(levels)), lambda: self.op("Cast", levels, to=ir.DataType.INT8))
             acc = self.op("MatMulInteger", int8, qweight)
         return self.op("Mul", self.op("Mul", self.op("Cast", acc, to=ir.DataType.FLOAT), w_scale), x_scale)
+
+    def _static_linears(self, x: ir.Value, linears: list[Linear], names: list[str]) -> list[ir.Value]:
+        """Static linears reading one input share one GEMM when they share its scale and offset."""
+        weights = [lin.weight for lin in linears]
+        first = weights[0]
+        if any((w.activation_key, w.q.shape[1]) != (first.activation_key, first.q.shape[1]) for w in weights):
+            return [self.linear(x, lin, name) for lin, name in zip(linears, names)]
+        packed = W8A8StaticWeight(np.concatenate([w.q for w in weights]), first.input_scale, first.input_offset,
+                                  np.concatenate([w.deq_scale for w in weights]),
+                                  np.concatenate([w.quant_bias for w in weights]))
+        y = self.linear(x, Linear(packed, None), "+".join(names))
+        return list(self.ops("Split", y, self.const([w.q.shape[0] for w in weights]), outputs=len(linears),
+                             axis=-1))
+
+    def w8a8_static_matmul(self, x: ir.Value, w: W8A8StaticWeight, name: str) -> ir.Value:
+        """``x @ W.T + bias`` of a static W8A8 weight: int32 accumulation + quant_bias, * deq_scale."""
+        w.validate()
+        key = ("static", id(x), w.activation_key)
+        if key not in self._quantized:
+            scale = self.weight(f"{name}.input_scale", w.input_scale.reshape(()))
+            offset = self.weight(f"{name}.input_offset", w.input_offset.reshape(()))
+            levels = self.op("Clip", self.op("Round", self.op("Add", self.op("Div", x, scale), offset)),
+                             self.const(-128.0, np.float32), self.const(127.0, np.float32))
+            self._quantized[key] = levels
+        levels = self._quantized[key]
+        qweight = self.weight(f"{name}.qweight", np.ascontiguousarray(w.q.T))      # int8 [K, N]
+        if self.emit == "matmulinteger":
+            int8 = self._shared(("s8", id(levels)), lambda: self.op("Cast", levels, to=ir.DataType.INT8))
+            acc = self.op("MatMulInteger", int8, qweight)
+        else:
+            shifted = self._shared(("u8", id(levels)), lambda: self.op(
+                "Cast", self.op("Add", levels, self.const(128.0, np.float32)), to=ir.DataType.UINT8))
+            acc = self.op("MatMulInteger", shifted, qweight, self.const(128, np.uint8))
+        acc = self.op("Add", acc, self.weight(f"{name}.quant_bias", w.quant_bias))
+        return self.op("Mul", self.op("Cast", acc, to=ir.DataType.FLOAT), self.weight(f"{name}.deq_scale", w.deq_scale))
 
     def _shared(self, key, make):
         if key not in self._quantized:

@@ -16,7 +16,7 @@ Recipe section ``modules.thinker`` (every key of ``omni_export.build.recipes.KEY
   (``omni_export.quant.w8a8``, graph ``omni_export.export.w8a8_linear``); ``smooth_alpha``
   folds SmoothQuant scales from calibration activations into the RMSNorms first;
 - msModelSlim's AscendV1 output (``quant_model_description.json``) with a W8A8 recipe is
-  imported exactly: its W8A8_DYNAMIC int8 weights and scales go into the bundle unchanged, its
+  imported exactly: its W8A8_DYNAMIC and static W8A8 int8 weights and scales go into the bundle unchanged, its
   FLOAT linears stay float, whatever the recipe's ``keep_float`` / ``smooth_alpha`` say
   (``omni_export.checkpoint.modelslim``). With any other recipe its int8 linears are dequantized.
 
@@ -166,7 +166,11 @@ class ThinkerModule(Module):
         return rtn.quantize_rows(weight, self.settings.group_size, bits=bits, symmetric=self.settings.symmetric,
                                  clip=clip)
 
-    def _quantize_layer(self, i: int, layer: DecoderLayer, clips: dict | None = None) -> DecoderLayer:
+    def _quantize_layer(self, i: int, layer: DecoderLayer, clips: dict | None = None,
+                        static: dict | None = None) -> DecoderLayer:
+        """Layer ``i``'s linears quantized as the recipe says (``keep_float`` ones left float);
+        ``clips``: AWQ's clipping per linear path; ``static``: the calibrated (input_scale,
+        input_offset) per linear path of the ``static_activations`` W8A8 linears."""
         from omni_export.export.onnx_graph import Linear
 
         for field, path in LINEARS.items():
@@ -174,9 +178,12 @@ class ThinkerModule(Module):
                 continue
             linear = getattr(layer, field)
             if self.settings.w8a8:
-                from omni_export.quant.w8a8 import quantize_weight
+                from omni_export.quant.w8a8 import quantize_weight, quantize_weight_static
 
-                setattr(layer, field, Linear(quantize_weight(linear.weight, self.w8a8_activations), linear.bias))
+                if static and path in static:  # the bias goes into quant_bias, as msModelSlim's W8A8
+                    setattr(layer, field, Linear(quantize_weight_static(linear.weight, linear.bias, *static[path])))
+                else:
+                    setattr(layer, field, Linear(quantize_weight(linear.weight, self.w8a8_activations), linear.bias))
                 continue
             clip = None if clips is None else clips.get(path)
             setattr(layer, field, Linear(self._quantize(linear.weight, 4, clip), linear.bias))
@@ -196,7 +203,7 @@ class ThinkerModule(Module):
         elif self.imports_modelslim:
             for i in range(weights.num_layers):
                 yield self._modelslim_layer(weights, i)
-        elif s.w8a8 and s.smooth_alpha is not None:
+        elif s.w8a8 and (s.smooth_alpha is not None or s.static_activations):
             yield from self._smoothed_layers(weights, awq_stats)
         elif s.method == "none":  # float weights (an AutoAWQ checkpoint's dequantized)
             yield from self.float_layers()
@@ -259,35 +266,47 @@ class ThinkerModule(Module):
         return text_config, hidden, layer_kwargs_for(text_config, ids.shape[1])
 
     def _smoothed_layers(self, weights: ThinkerWeights, stats: list) -> Iterator[DecoderLayer]:
-        """W8A8 with SmoothQuant, one decoder layer at a time: the calibration tokens are embedded
-        and run through the float layers (transformers' ``Qwen2_5OmniDecoderLayer``); the
-        per-channel absmax of the activation entering q/k/v and gate/up gives the smoothing
-        scales (``quant.w8a8.smooth_scales``, ``smooth_alpha``), folded into the two RMSNorms and
-        those linears; the smoothed float layer computes the same function, so the float output
-        is the next layer's input. Then the linears are quantized (``_quantize_layer``)."""
+        """W8A8 calibrated one decoder layer at a time: the calibration tokens are embedded and run
+        through the float layers (transformers' ``Qwen2_5OmniDecoderLayer``), recording each
+        linear's input range per channel. With ``smooth_alpha``, the per-channel absmax of the
+        activation entering q/k/v and gate/up gives the smoothing scales
+        (``quant.w8a8.smooth_scales``), folded into the two RMSNorms and those linears; the
+        smoothed float layer computes the same function, so the float output is the next layer's
+        input. The ``static_activations`` linears take their per-tensor scale and offset from the
+        range of the input they will see (after smoothing: channel ``k``'s range divided by
+        ``s[k] > 0``). Then the linears are quantized (``_quantize_layer``)."""
         import torch
 
         from omni_export.export.thinker_weights import torch_decoder_layer
-        from omni_export.quant.w8a8 import fold_smoothing, smooth_scales
+        from omni_export.quant.w8a8 import fold_smoothing, smooth_scales, static_activation_params
 
         text_config, hidden, kwargs = self._calibration_states(weights)
-        alpha = float(self.settings.smooth_alpha)
+        alpha = self.settings.smooth_alpha
         groups = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
                   ("post_attention_layernorm", ("gate_proj", "up_proj")))
+        #: the linear whose input each group's statistics are recorded on (the others read the same)
+        readers = {field: norm for norm, fields in groups for field in fields}
+        static = [f for f, path in LINEARS.items()
+                  if any(self.settings.static_linear(f"{self.layer_prefix}.{j}.{path}") for j in range(weights.num_layers))]
+        watched = {norm: LINEARS[fields[0]] for norm, fields in groups}
+        watched.update({f: LINEARS[f] for f in static if f not in readers})
         for i in range(weights.num_layers):
             started = time.perf_counter()
             layer = weights.float_layer(i)
             module = torch_decoder_layer(text_config, i, layer)
-            absmax: dict[str, torch.Tensor] = {}
+            ranges: dict[str, list[torch.Tensor]] = {}
 
             def hook(name):
                 def record(_module, args):
-                    x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
-                    absmax[name] = x if name not in absmax else torch.maximum(absmax[name], x)
+                    x = args[0].detach().reshape(-1, args[0].shape[-1])
+                    lo, hi = x.amin(dim=0), x.amax(dim=0)
+                    if name in ranges:
+                        lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+                    ranges[name] = [lo, hi]
                 return record
 
-            handles = [module.get_submodule(LINEARS[fields[0]]).register_forward_pre_hook(hook(norm))
-                       for norm, fields in groups]
+            handles = [module.get_submodule(path).register_forward_pre_hook(hook(name))
+                       for name, path in watched.items()]
             with torch.no_grad():
                 out = module(hidden, **kwargs)
             for handle in handles:
@@ -295,17 +314,34 @@ class ThinkerModule(Module):
             hidden = out[0] if isinstance(out, tuple) else out
             del module
             layer_stats = {"layer": i}
-            for norm, fields in groups:
-                linears = [getattr(layer, f) for f in fields]
-                s = smooth_scales(absmax[norm].numpy(), [lin.weight for lin in linears], alpha)
-                new_norm, new_weights = fold_smoothing(getattr(layer, norm), [lin.weight for lin in linears], s)
-                setattr(layer, norm, new_norm)
-                for field, lin, w in zip(fields, linears, new_weights):
-                    lin.weight = w
-                layer_stats[norm] = {"scale_min": round(float(s.min()), 5), "scale_max": round(float(s.max()), 5)}
+            smoothing = {}
+            if alpha is not None:
+                for norm, fields in groups:
+                    linears = [getattr(layer, f) for f in fields]
+                    lo, hi = ranges[norm]
+                    absmax = torch.maximum(lo.abs(), hi.abs()).numpy()
+                    sc = smooth_scales(absmax, [lin.weight for lin in linears], float(alpha))
+                    new_norm, new_weights = fold_smoothing(getattr(layer, norm), [lin.weight for lin in linears], sc)
+                    setattr(layer, norm, new_norm)
+                    for lin, w in zip(linears, new_weights):
+                        lin.weight = w
+                    smoothing[norm] = sc
+                    layer_stats[norm] = {"scale_min": round(float(sc.min()), 5), "scale_max": round(float(sc.max()), 5)}
+            params = {}
+            for field in static:
+                if not self.settings.static_linear(f"{self.layer_prefix}.{i}.{LINEARS[field]}"):
+                    continue
+                source = readers.get(field, field)
+                lo, hi = (r.numpy().astype(np.float32) for r in ranges[source])
+                if source in smoothing:  # the input the quantized linear reads: x / s per channel
+                    lo, hi = lo / smoothing[source], hi / smoothing[source]
+                params[LINEARS[field]] = static_activation_params(lo.min(), hi.max())
+            if params:
+                layer_stats["static"] = {path: {"input_scale": float(sc[0]), "input_offset": float(off[0])}
+                                         for path, (sc, off) in params.items()}
             layer_stats["seconds"] = round(time.perf_counter() - started, 2)
             stats.append(layer_stats)
-            yield self._quantize_layer(i, layer)
+            yield self._quantize_layer(i, layer, static=params)
 
     def _modelslim_layer(self, weights: ThinkerWeights, i: int) -> DecoderLayer:
         """Layer ``i`` of an msModelSlim checkpoint: its W8A8_DYNAMIC linears exactly as stored
@@ -313,6 +349,7 @@ class ThinkerModule(Module):
         from omni_export.checkpoint.modelslim import read_w8a8_linear
         from omni_export.export.decoder_graph import DecoderLayer
         from omni_export.export.onnx_graph import Linear
+        from omni_export.quant.types import W8A8StaticWeight
 
         p = weights.layer_path(i)
         linears = {}
@@ -322,6 +359,8 @@ class ThinkerModule(Module):
             w8a8 = read_w8a8_linear(self.ckpt, self.ckpt.modelslim, prefix)
             if w8a8 is None:
                 linears[field] = weights.linear(target)
+            elif isinstance(w8a8, W8A8StaticWeight):  # its quant_bias carries the float bias
+                linears[field] = Linear(w8a8)
             else:
                 bias = weights.read([f"{target}.bias"])[f"{target}.bias"] if weights.has(f"{target}.bias") else None
                 linears[field] = Linear(w8a8, bias)
@@ -337,9 +376,13 @@ class ThinkerModule(Module):
 
     def _modelslim_keep_float(self, weights: ThinkerWeights) -> list[str]:
         """The thinker linears msModelSlim left FLOAT (local names, as ``keep_float`` names them)."""
+        return self._modelslim_linears(weights, "FLOAT")
+
+    def _modelslim_linears(self, weights: ThinkerWeights, kind: str) -> list[str]:
+        """The thinker linears msModelSlim typed ``kind`` (local names, as the recipe names them)."""
         desc = self.ckpt.modelslim
         return [f"{weights.layer_path(i)}{path}" for i in range(weights.num_layers) for path in LINEARS.values()
-                if desc.type_of(weights.names[f"{weights.layer_path(i)}{path}.weight"]) == "FLOAT"]
+                if desc.type_of(weights.names[f"{weights.layer_path(i)}{path}.weight"]) == kind]
 
     def _autoawq_layer(self, weights: ThinkerWeights, i: int) -> DecoderLayer:
         """Layer ``i`` of an AutoAWQ checkpoint: its int4 linears exactly as stored, norms and biases in float."""
@@ -432,13 +475,19 @@ class ThinkerModule(Module):
         quant = {"weights": "int8", "method": "rtn", "granularity": "channel", "symmetric": True,
                  "activations": s.activations, "emit": s.emit, "lm_head": s.lm_head, "keep_float": list(s.keep_float),
                  "smooth_alpha": s.smooth_alpha}
+        if s.static_activations:
+            quant["static_activations"] = list(s.static_activations)
         if self.imports_modelslim:
             weights = self.weights()
             head = self.ckpt.modelslim.type_of(weights.lm_head_name())
             quant.update(method="modelslim", activations="int8_per_token", smooth_alpha=None,
                          keep_float=self._modelslim_keep_float(weights), source=self.ckpt.modelslim.source(),
-                         lm_head="int8" if head == "W8A8_DYNAMIC" else s.lm_head)
-            if head == "W8A8_DYNAMIC":
+                         lm_head="int8" if head in ("W8A8_DYNAMIC", "W8A8") else s.lm_head)
+            quant.pop("static_activations", None)
+            static = self._modelslim_linears(weights, "W8A8")
+            if static:
+                quant["static_activations"] = static
+            if head in ("W8A8_DYNAMIC", "W8A8"):
                 return quant
         if quant["lm_head"] in ("int8", "int4"):  # a block-quantized lm_head: DequantizeLinear + MatMul
             quant["accuracy_level"] = s.accuracy_level

@@ -156,3 +156,68 @@ class W8A8Weight:
     def dequantize(self) -> np.ndarray:
         """float32 [N, K]: ``q * scales[n]`` (what the weight means without the activation rounding)."""
         return self.q.astype(np.float32) * self.scales[:, None]
+
+
+@dataclass
+class W8A8StaticWeight:
+    """A W8A8 linear with static activations (msModelSlim's ``W8A8``): int8 weight per output
+    channel, symmetric; the activation quantized with one calibrated scale and offset for the
+    whole input (per tensor, asymmetric), as msModelSlim's ``AscendV1Saver.on_w8a8_static`` writes
+    it::
+
+        levels = clip(round(x / input_scale + input_offset), -128, 127)
+        y      = float32(levels @ q.T + quant_bias) * deq_scale
+
+    ``q`` int8 [N, K], ``input_scale`` / ``input_offset`` float32 [1] (the offset an integer),
+    ``deq_scale`` float32 [N] (``input_scale * weight_scale``), ``quant_bias`` int32 [N]
+    (``round(bias / deq_scale - sum_k(q[n, k]) * input_offset)``: the float bias and the
+    offset's correction, so the linear has no separate bias)."""
+
+    q: np.ndarray
+    input_scale: np.ndarray
+    input_offset: np.ndarray
+    deq_scale: np.ndarray
+    quant_bias: np.ndarray
+    activations: str = "static"
+    bits: int = 8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.nbytes + self.deq_scale.nbytes + self.quant_bias.nbytes + 8)
+
+    def validate(self) -> "W8A8StaticWeight":
+        """Check dtypes and shapes; returns self (raises ValueError)."""
+        n = self.q.shape[0] if self.q.ndim == 2 else None
+        if self.q.dtype != np.int8 or n is None:
+            raise ValueError(f"W8A8 weight levels must be int8 [N, K], got {self.q.dtype} {self.q.shape}")
+        for name, dtype, shape in (("input_scale", np.float32, (1,)), ("input_offset", np.float32, (1,)),
+                                   ("deq_scale", np.float32, (n,)), ("quant_bias", np.int32, (n,))):
+            value = getattr(self, name)
+            if value.dtype != dtype or value.shape != shape:
+                raise ValueError(f"static W8A8 {name} must be {np.dtype(dtype).name} {list(shape)}, got "
+                                 f"{value.dtype} {list(value.shape)}")
+        if not (np.isfinite(self.input_scale).all() and self.input_scale[0] > 0):
+            raise ValueError(f"static W8A8 input_scale must be positive, got {self.input_scale[0]}")
+        if self.input_offset[0] != np.round(self.input_offset[0]) or not -128 <= self.input_offset[0] <= 127:
+            raise ValueError(f"static W8A8 input_offset must be an integer in [-128, 127], got {self.input_offset[0]}")
+        if self.activations != "static":
+            raise ValueError(f"a W8A8StaticWeight's activations are 'static', got {self.activations!r}")
+        return self
+
+    @property
+    def activation_key(self) -> tuple[float, float]:
+        """What linears reading the same input must share to share its quantized levels."""
+        return float(self.input_scale[0]), float(self.input_offset[0])
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K]: ``q * weight_scale[n]`` with ``weight_scale = deq_scale / input_scale``."""
+        return self.q.astype(np.float32) * (self.deq_scale / self.input_scale[0])[:, None]
+
+    def float_bias(self) -> np.ndarray:
+        """float32 [N]: the bias ``quant_bias`` carries, without the offset's correction."""
+        correction = self.q.astype(np.float32).sum(axis=1) * self.input_offset[0]
+        return ((self.quant_bias.astype(np.float32) + correction) * self.deq_scale).astype(np.float32)

@@ -8,7 +8,12 @@ time, symmetric, one scale per token::
     activation: x_scale[t] = max(absmax(x[t]), ACT_EPS) / 127, xq = clip(round(x / x_scale), -127, 127)
     output:     y = float32(xq @ q.T) * w_scale * x_scale      (int32 accumulation)
 
-``per_tensor`` takes one activation scale over the whole input instead. Rounding is half to even
+``per_tensor`` takes one activation scale over the whole input instead. ``static`` (msModelSlim's
+``W8A8``, :func:`quantize_weight_static`) takes one scale and offset calibrated ahead of time
+(per tensor, asymmetric) and carries the bias in an int32 ``quant_bias``::
+
+    levels = clip(round(x / input_scale + input_offset), -128, 127)
+    y      = float32(levels @ q.T + quant_bias) * deq_scale Rounding is half to even
 in float32, as ONNX ``Round``; the graph (``omni_export.export.w8a8_linear``) performs these very
 operations in this order, so :func:`w8a8_matmul` is its exact reference for one linear.
 
@@ -23,10 +28,10 @@ from __future__ import annotations
 import numpy as np
 
 from omni_export.quant.rtn import quantize_channels
-from omni_export.quant.types import W8A8_ACTIVATIONS, W8A8Weight
+from omni_export.quant.types import W8A8_ACTIVATIONS, W8A8StaticWeight, W8A8Weight
 
-__all__ = ["ACT_EPS", "QMAX", "fold_smoothing", "quantize_activations", "quantize_weight", "smooth_scales",
-           "w8a8_matmul"]
+__all__ = ["ACT_EPS", "QMAX", "fold_smoothing", "quantize_activations", "quantize_weight", "quantize_weight_static",
+           "smooth_scales", "static_activation_params", "w8a8_matmul", "w8a8_static_matmul"]
 
 #: int8 levels are symmetric: [-127, 127]
 QMAX = 127.0
@@ -98,3 +103,51 @@ def fold_smoothing(norm_weight: np.ndarray, weights: list[np.ndarray], s: np.nda
     s = np.asarray(s, dtype=np.float32)
     return ((np.asarray(norm_weight, np.float32) / s).astype(np.float32),
             [(np.asarray(w, np.float32) * s[None, :]).astype(np.float32) for w in weights])
+
+
+def static_activation_params(x_min: float, x_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """(input_scale, input_offset), float32 [1] each, of an activation whose calibration range is
+    [x_min, x_max]: msModelSlim's int8 per-tensor asymmetric minmax (``calculate_int_qparam``,
+    Ascend/msmodelslim 3de0a3c ``msmodelslim/ir/api/impl/int_quantization.py``), in float32:
+    the range widened to hold 0, ``scale = max(max / 255 - min / 255, eps)``,
+    ``offset = round(-min / scale) - 128``."""
+    f = np.float32
+    lo = np.minimum(f(x_min), f(0.0))
+    hi = np.maximum(f(x_max), f(0.0))
+    scale = np.maximum(hi / f(255.0) - lo / f(255.0), f(np.finfo(np.float32).eps))
+    offset = np.round(f(-1.0) * lo / scale) + f(-128.0)
+    return np.array([scale], np.float32), np.array([offset], np.float32)
+
+
+def quantize_weight_static(weight: np.ndarray, bias: np.ndarray | None, input_scale: np.ndarray,
+                           input_offset: np.ndarray) -> W8A8StaticWeight:
+    """A float linear (weight [N, K], bias [N] or None) as a static W8A8 linear for an activation
+    quantized with ``input_scale`` / ``input_offset``: the weight int8 per output channel
+    (the same levels as :func:`quantize_weight`), then ``deq_scale`` and ``quant_bias`` derived
+    as msModelSlim's ``AscendV1Saver.on_w8a8_static`` does (``deq_scale = input_scale *
+    weight_scale``; ``quant_bias = round(bias / deq_scale - sum_k(q) * input_offset)``)."""
+    channel = quantize_channels(np.asarray(weight))
+    q = channel.q
+    if q.ndim != 2:
+        raise ValueError(f"a W8A8 weight is 2-D [N, K], got shape {q.shape}")
+    input_scale = np.asarray(input_scale, np.float32).reshape(1)
+    input_offset = np.asarray(input_offset, np.float32).reshape(1)
+    deq_scale = (input_scale * channel.scales).astype(np.float32)
+    b = np.zeros(q.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32)
+    correction = q.astype(np.float32).sum(axis=1) * input_offset
+    quant_bias = np.round(b / deq_scale - correction).astype(np.int32)
+    return W8A8StaticWeight(q, input_scale, input_offset, deq_scale, quant_bias).validate()
+
+
+def quantize_activations_static(x: np.ndarray, weight: W8A8StaticWeight) -> np.ndarray:
+    """int8 levels of a float32 activation for a static W8A8 linear, as the graph computes them."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.clip(np.round(x / weight.input_scale[0] + weight.input_offset[0]), -128, 127).astype(np.int8)
+
+
+def w8a8_static_matmul(x: np.ndarray, weight: W8A8StaticWeight) -> np.ndarray:
+    """``x @ W.T + bias`` of a static W8A8 linear, float32 [..., N]: the graph's computation,
+    exactly (int32 accumulation plus ``quant_bias``, then ``* deq_scale`` in float32)."""
+    levels = quantize_activations_static(x, weight)
+    acc = np.matmul(levels.astype(np.int32), weight.q.T.astype(np.int32)) + weight.quant_bias
+    return (acc.astype(np.float32) * weight.deq_scale).astype(np.float32)

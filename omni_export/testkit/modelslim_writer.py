@@ -23,6 +23,17 @@ Written from msModelSlim's own source, independently of the importer
   of the description (globals included) and of the index (rewritten as its bare weight map), and
   every tensor name of the shards.
 
+Static W8A8 (``static``: module-name patterns, e.g. ``model.layers.*.self_attn.*``, as a recipe
+with ``act: {scope: per_tensor, symmetric: False, method: minmax}`` gives them): the activation's
+range over calibration tokens (the float thinker run in transformers on random prompt ids, its
+linears' inputs hooked, as msModelSlim's minmax observer records them), its scale and offset
+by ``calculate_int_qparam`` asymmetric int8 (min/max widened to 0, ``scale = max/255 - min/255``
+at least eps, ``offset = round(-min / scale) - 128``), and ``AscendV1Saver.on_w8a8_static``'s
+tensors: ``weight`` int8, ``quant_bias`` int32 (``round(bias / deq_scale - sum(weight) *
+input_offset)``), ``input_scale`` and ``input_offset`` float32 [1], ``deq_scale`` (``input_scale *
+weight_scale``, float32 when the model's dtype is bfloat16, else its bit pattern as int64:
+``save/utils/deqscale.py``), all typed ``W8A8``, and ``bias`` float32 typed ``FLOAT``.
+
 Which linears: the Qwen2.5 W8A8 practice (``lab_practice/qwen2_5/qwen2.5-7b-w8a8.yaml``,
 ``disable_names``: ``lm_head`` and every ``model.layers.<i>.mlp.down_proj``) by default; the
 audio tower and the vision encoder are FLOAT (the Omni thinker recipe's ``exclude``). msModelSlim
@@ -108,9 +119,55 @@ def _omni_postprocess(directory: Path) -> None:
         _save(tensors, path)
 
 
-def modelslim_entries(thinker: dict, disable: tuple[str, ...] = DEFAULT_DISABLE) -> tuple[list, dict]:
+def asymmetric_params(min_val, max_val):
+    """msModelSlim's ``calculate_int_qparam`` for int8 per tensor, asymmetric: (scale, offset) [1]."""
+    import torch
+
+    min_val, max_val = torch.as_tensor(min_val, dtype=torch.float32).reshape(1), \
+        torch.as_tensor(max_val, dtype=torch.float32).reshape(1)
+    eps = torch.tensor([torch.finfo(torch.float32).eps])
+    min_val = torch.min(min_val, torch.zeros_like(min_val))
+    max_val = torch.max(max_val, torch.zeros_like(max_val))
+    scale = torch.max(max_val / 255 - min_val / 255, eps)
+    offset = (-1 * min_val / scale).round() + (-128)
+    return scale, offset
+
+
+def input_ranges(float_dir: Path, modules: list[str], seed: int = 0) -> dict[str, tuple]:
+    """{module: (min, max)} of each linear's input over calibration prompts: the float thinker
+    (transformers, float32) on two random prompts of 48 ids, its linears' inputs hooked."""
+    import torch
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(float_dir, dtype="float32").thinker.eval()
+    ranges: dict[str, tuple] = {}
+
+    def hook(name):
+        def record(_module, args):
+            lo, hi = args[0].detach().min(), args[0].detach().max()
+            if name in ranges:
+                lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+            ranges[name] = (lo, hi)
+        return record
+
+    named = dict(thinker.named_modules())
+    # checkpoint names are model.layers.<i>...; transformers 5 nests the text model as model.language_model
+    handles = [(named.get(m) or named[m.replace("model.", "model.language_model.", 1)]).register_forward_pre_hook(hook(m))
+               for m in modules]
+    vocab = thinker.config.text_config.vocab_size
+    ids = torch.from_numpy(__import__("numpy").random.default_rng(seed).integers(0, min(vocab, 4000), (2, 48)))
+    with torch.no_grad():
+        thinker(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return ranges
+
+
+def modelslim_entries(thinker: dict, disable: tuple[str, ...] = DEFAULT_DISABLE, static: tuple[str, ...] = (),
+                      ranges: dict | None = None, deq_int64: bool = False) -> tuple[list, dict]:
     """(saved tensors [(name, tensor)], description {name: type}) of the thinker's parameters
-    (names inside the thinker: ``model.layers.0...``, ``lm_head.weight``)."""
+    (names inside the thinker: ``model.layers.0...``, ``lm_head.weight``); the ``static`` modules
+    as W8A8 (static) with their input ``ranges`` {module: (min, max)}."""
     import torch
 
     entries, description = [], {}
@@ -123,7 +180,24 @@ def modelslim_entries(thinker: dict, disable: tuple[str, ...] = DEFAULT_DISABLE)
     quantized = {m for m in modules if LINEAR.fullmatch(m) and not any(fnmatch.fnmatchcase(m, d) for d in disable)}
     for module in modules:
         params = sorted(n for n in thinker if n.rsplit(".", 1)[0] == module)
-        if module in quantized:
+        if module in quantized and any(fnmatch.fnmatchcase(module, p) for p in static):
+            q, weight_scale = quantize_per_channel(thinker[f"{module}.weight"])
+            input_scale, input_offset = asymmetric_params(*ranges[module])
+            deq_scale = input_scale * weight_scale
+            bias = thinker.get(f"{module}.bias")
+            fp_bias = bias.to(torch.float32) if bias is not None else torch.zeros(q.shape[0])
+            correction = q.to(torch.float32).sum(dim=1) * input_offset.to(torch.float32)
+            quant_bias = torch.round(fp_bias / deq_scale - correction).to(torch.int32)
+            if deq_int64:  # deqscale2int64: the float32's bits as int32, widened
+                deq_scale = torch.from_numpy(deq_scale.to(torch.float32).numpy().view("int32").astype("int64"))
+            write(f"{module}.weight", "W8A8", q)
+            write(f"{module}.quant_bias", "W8A8", quant_bias)
+            write(f"{module}.input_scale", "W8A8", input_scale.to(torch.float32))
+            write(f"{module}.input_offset", "W8A8", input_offset.to(torch.float32))
+            write(f"{module}.deq_scale", "W8A8", deq_scale)
+            if bias is not None:
+                write(f"{module}.bias", "FLOAT", bias.to(torch.float32))
+        elif module in quantized:
             q, scale = quantize_per_channel(thinker[f"{module}.weight"])
             weight_scale = scale.unsqueeze(-1)
             write(f"{module}.weight", "W8A8_DYNAMIC", q)
@@ -139,12 +213,15 @@ def modelslim_entries(thinker: dict, disable: tuple[str, ...] = DEFAULT_DISABLE)
 
 def write_modelslim_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, layers: int | None = None,
                                part_bytes: int = 0, disable: tuple[str, ...] = DEFAULT_DISABLE,
+                               static: tuple[str, ...] = (), deq_int64: bool | None = None,
                                progress: bool = False) -> Path:
     """Write the msModelSlim AscendV1 W8A8_DYNAMIC export of the random-weight ``preset``
     checkpoint (``seed``, ``layers`` as ``write_tiny_checkpoint``) into ``out_dir``, plus the float
     talker and token2wav (``model.safetensors``, ``spk_dict.pt``). ``part_bytes`` > 0 shards the
     quantized weights as ``part_file_size`` does (in bytes here); ``disable`` are msModelSlim's
-    ``disable_names`` (fnmatch patterns of module names inside the thinker). FileExistsError if
+    ``disable_names`` (fnmatch patterns of module names inside the thinker); ``static`` the
+    quantized modules written as static W8A8 (fnmatch patterns), their ``deq_scale`` int64 when
+    ``deq_int64`` (None: as msModelSlim decides, int64 unless the config's dtype is bfloat16). FileExistsError if
     ``out_dir`` is a non-empty directory. Returns ``out_dir``."""
     from safetensors import safe_open
 
@@ -166,11 +243,20 @@ def write_modelslim_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: 
                     thinker[name[len(PREFIX):]] = f.get_tensor(name)
                 else:
                     others[name] = f.get_tensor(name)
-        entries, description = modelslim_entries(thinker, disable)
+        static_modules = sorted({n.rsplit(".", 1)[0] for n in thinker
+                                 if LINEAR.fullmatch(n.rsplit(".", 1)[0])
+                                 and any(fnmatch.fnmatchcase(n.rsplit(".", 1)[0], p) for p in static)})
+        ranges = input_ranges(source, [f"{m}" for m in static_modules], seed) if static_modules else None
+        if deq_int64 is None:
+            dtype = json.loads((source / "config.json").read_text()).get("torch_dtype", "bfloat16")
+            deq_int64 = str(dtype).removeprefix("torch.") != "bfloat16"
+        entries, description = modelslim_entries(thinker, disable, tuple(static), ranges, deq_int64)
         _write_weights(entries, target, part_bytes)
         kinds = set(description.values())
-        description.update({"version": "1.0.0", "model_quant_type": "W8A8_DYNAMIC" if "W8A8_DYNAMIC" in kinds
-                            else "FLOAT", "metadata": {}, "group_size": 0, "optional": {}})
+        # update_quant_type: the highest of QUANT_TYPE_PRIORITY written (W8A8 above W8A8_DYNAMIC)
+        model_type = "W8A8" if "W8A8" in kinds else "W8A8_DYNAMIC" if "W8A8_DYNAMIC" in kinds else "FLOAT"
+        description.update({"version": "1.0.0", "model_quant_type": model_type, "metadata": {}, "group_size": 0,
+                            "optional": {}})
         (target / "quant_model_description.json").write_text(json.dumps(description, indent=2))
         for file in source.iterdir():  # copy_files: .json / .py / .txt / .jinja, not *index.json
             if file.suffix in (".json", ".py", ".txt", ".jinja") and not file.name.endswith("index.json"):
