@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 
@@ -511,6 +512,26 @@ def test_changed_graph_gets_a_new_copy(tmp_path, cache):
             ort_cache.copy_key({**base, "onnxruntime": "2"}), ort_cache.copy_key({**base, "providers": [CUDA, CPU]}),
             ort_cache.copy_key({**base, "session_config": {"k": "v"}})}
     assert len(keys) == 5
+
+
+def test_copies_of_a_deleted_bundle_are_dropped_at_the_next_copy(tmp_path, cache):
+    manifest, _ = matmul_bundle(tmp_path / "gone")
+    SessionPool(manifest, [CPU]).get("mm")
+    (orphan,) = copies_of(cache)
+    shutil.rmtree(tmp_path / "gone")  # the user deletes the bundle: nothing can read its copy again
+    other, _ = matmul_bundle(tmp_path / "kept")
+    body = json.loads((tmp_path / "kept" / MANIFEST_NAME).read_text())
+    data = bytearray((tmp_path / "kept" / "mm.onnx.data").read_bytes())
+    data[-4:] = bytes(4)  # other weights: another key, so a new copy is written
+    (tmp_path / "kept" / "mm.onnx.data").write_bytes(bytes(data))
+    body["files"]["mm.onnx.data"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (tmp_path / "kept" / MANIFEST_NAME).write_text(json.dumps(body))
+    pool = SessionPool(load_manifest(tmp_path / "kept"), [CPU])
+    pool.get("mm")
+    assert pool.load_log[-1]["cached"] is False
+    (kept,) = copies_of(cache)
+    assert kept != orphan and json.loads((kept / "meta.json").read_text())["source"].startswith(
+        str((tmp_path / "kept" / "mm.onnx").resolve()))
 
 
 @pytest.mark.parametrize("env, value", [("OMNI_RUNTIME_OPTIMIZED_COPIES", "off"), ("OMNI_RUNTIME_CACHE_DIR", "off")])

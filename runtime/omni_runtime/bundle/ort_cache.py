@@ -18,7 +18,8 @@ its files are checked against those hashes (remembered across processes like the
 ``omni_runtime.bundle.hash_cache``); a copy that is incomplete, corrupt or cannot be loaded is
 deleted and rebuilt from the bundle, never trusted. When a new copy is written, older copies of
 the same graph file under the same settings are deleted (a rebuilt bundle, a new onnxruntime):
-one copy per graph file and settings. ``OMNI_RUNTIME_OPTIMIZED_COPIES=off`` turns copies off (the
+one copy per graph file and settings; so are copies whose graph file no longer exists (a deleted
+bundle), which would otherwise fill the disk with copies nothing can read. ``OMNI_RUNTIME_OPTIMIZED_COPIES=off`` turns copies off (the
 sha256 records stay), ``OMNI_RUNTIME_CACHE_DIR=off`` both.
 """
 
@@ -175,7 +176,8 @@ def discard(copy: Copy | Path) -> None:
 
 
 def _drop_older(base: Path, key: str, source: str) -> None:
-    """Delete other copies made from the same source graph (a rebuilt bundle, a new onnxruntime)."""
+    """Delete other copies made from the same source graph (a rebuilt bundle, a new onnxruntime),
+    and copies of graph files that are gone (``source`` is ``"<graph path>|<settings key>"``)."""
     try:
         entries = list(base.iterdir())
     except OSError:
@@ -187,5 +189,6 @@ def _drop_older(base: Path, key: str, source: str) -> None:
             meta = json.loads((entry / META).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(meta, dict) and meta.get("source") == source:
+        other = meta.get("source") if isinstance(meta, dict) else None
+        if isinstance(other, str) and (other == source or not os.path.exists(other.split("|", 1)[0])):
             shutil.rmtree(entry, ignore_errors=True)
