@@ -37,9 +37,10 @@ REAL_LAYERS = {"audio": 32, "vision": 32, "talker": 24, "token2wav": 22}
 LAYER_PATHS = {"audio": "layers", "vision": "blocks", "talker": "model.layers", "token2wav": "transformer_blocks"}
 MODULES = ("audio", "vision", "talker", "token2wav")
 PRECISIONS = {"float32": {}, "float16": {"weights": "float16"}, "int8": {"weights": "int8"},
-              "int8+float16": {"weights": "int8", "dtype": "float16"}, "int4": {"weights": "int4"}}
-#: the modules each precision is built for (int4: the talker only)
-BUILT = {"int4": ("talker",)}
+              "int8+float16": {"weights": "int8", "dtype": "float16"}, "int4": {"weights": "int4"},
+              "w8a8": {"weights": "int8", "activations": "int8_per_token"}}
+#: the modules each precision is built for (int4 and W8A8: the talker only)
+BUILT = {"int4": ("talker",), "w8a8": ("talker",)}
 
 
 def project(ckpt, module: str, graph_bytes: int, graph_share: float) -> int:

@@ -220,9 +220,10 @@ class ModuleRecipe:
         return any(fnmatch.fnmatchcase(linear, pattern) for pattern in self.static_activations)
 
     def to_json(self) -> dict:
-        keys = _registry()[self.name].recipe_keys
+        module = _registry()[self.name]
+        optional = {**OPTIONAL_KEYS, **module.optional_recipe_keys}
         return {key: list(getattr(self, key)) if key in LIST_KEYS else getattr(self, key)
-                for key in keys if key not in OPTIONAL_KEYS or getattr(self, key) != OPTIONAL_KEYS[key]}
+                for key in module.recipe_keys if key not in optional or getattr(self, key) != optional[key]}
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,11 @@ class Recipe:
         if not spec.check(value):
             raise RecipeError(f"{flag or key} {value!r} is not a choice", fix=f"use one of: {spec.choices}")
         registry = _registry()
-        modules = {name: dataclasses.replace(m, **{key: value}) if key in registry[name].recipe_keys else m
+
+        def takes(name: str, m: ModuleRecipe) -> bool:  # a linear's form means nothing to float weights
+            return key in registry[name].recipe_keys and not (key == "emit" and not m.quantized)
+
+        modules = {name: dataclasses.replace(m, **{key: value}) if takes(name, m) else m
                    for name, m in self.modules.items()}
         for m in modules.values():  # an emit override keeps weight-only and W8A8 forms apart
             if m.emit is not None and m.w8a8 != (m.emit in W8A8_EMITS):

@@ -61,6 +61,9 @@ class Module:
     graphs: ClassVar[tuple[str, ...]]
     #: the keys of its recipe section (``omni_export.build.recipes.KEYS``)
     recipe_keys: ClassVar[tuple[str, ...]] = ("weights",)
+    #: recipe keys the manifest's recipe records only when not at this default (keys added to a
+    #: module later, so the bundles of earlier recipes keep their recipe block)
+    optional_recipe_keys: ClassVar[dict[str, object]] = {}
     #: the ``weights`` values its recipe section accepts
     precisions: ClassVar[tuple[str, ...]] = ("float32",)
     #: ``weights`` values the recipe schema knows that this module will build later: value -> why not yet

@@ -6,8 +6,11 @@ and ``keep_fp32`` (``norm``). int8: every linear symmetric per output channel, t
 int8 per row. int4: the decoder layers' linears block-wise round-to-nearest (``method: rtn``,
 ``group_size``, ``symmetric``, ``keep_float`` as the thinker's), ``thinker_to_talker_proj``, the
 codec head and the codec table int8 per channel (the head picks every code: measured in
-recipes/README.md). The decoder layers are read one at a time and written to the graph's
-external data.
+recipes/README.md). W8A8 (``weights: int8, activations: int8_per_token | int8_per_tensor``,
+``emit`` a W8A8 form, ``keep_float``): the decoder layers' linears as the thinker's W8A8 (int8
+per output channel, activations quantized in the graph at run time, no smoothing: the talker has
+no calibration), ``thinker_to_talker_proj`` and the codec head float32, the codec table int8 per
+row. The decoder layers are read one at a time and written to the graph's external data.
 
 A checkpoint without a talker, i.e. ``enable_audio_output: false`` in config.json or no
 ``talker.*`` tensors at all, builds a text-only bundle: ``skip_reason()`` says why and ``build``
@@ -55,7 +58,9 @@ class TalkerModule(Module):
     layer_prefix = "model.layers"
     linears = tuple(LINEARS.values())
     missing_fix = NO_TALKER_FIX
-    recipe_keys = ("weights", "dtype", "keep_fp32", "method", "group_size", "symmetric", "keep_float")
+    recipe_keys = ("weights", "dtype", "keep_fp32", "method", "group_size", "symmetric", "keep_float", "activations",
+                   "emit")
+    optional_recipe_keys = {"emit": "qdq"}  # emit chooses a W8A8 form; weight-only talkers have one
     precisions = ("float32", "float16", "int8", "int4")
     fp32_parts = ("norm",)
 
@@ -121,8 +126,12 @@ class TalkerModule(Module):
         }
 
     def _int8(self, linear):
-        """A linear outside the int4 layers: int8 per output channel when the weights are int."""
+        """A linear outside the decoder layers (codec_head, thinker_to_talker_proj): int8 per output
+        channel when the weights are int, float beside W8A8 layers (42 MB at 7B size: not worth
+        int8 activations' error on the codes)."""
         s = self.settings
+        if s.w8a8:
+            return linear
         return quantize_linear(linear, s) if s.weights == "int8" else \
             quantize_linear(linear, _INT8) if s.weights == "int4" else linear
 
@@ -134,7 +143,13 @@ class TalkerModule(Module):
         s = self.settings
         for field, path in LINEARS.items():
             linear = getattr(layer, field)
-            if s.weights == "int8":
+            if s.w8a8:  # int8 activations per token / tensor at run time (as the thinker's w8a8, no smoothing)
+                from omni_export.quant.w8a8 import quantize_weight
+
+                if not s.keeps_float(f"{self.layer_prefix}.{i}.{path}"):
+                    setattr(layer, field, Linear(quantize_weight(linear.weight, s.activations.removeprefix("int8_")),
+                                                 linear.bias))
+            elif s.weights == "int8":
                 setattr(layer, field, quantize_linear(linear, s))
             elif s.weights == "int4" and not s.keeps_float(f"{self.layer_prefix}.{i}.{path}"):
                 setattr(layer, field, Linear(rtn.quantize_rows(linear.weight, s.group_size, bits=4,
@@ -144,6 +159,10 @@ class TalkerModule(Module):
     def quantization(self) -> dict | None:
         """The decoder graph's manifest ``quantization`` block (None for float weights)."""
         s = self.settings
+        if s.w8a8:
+            return {"weights": "int8", "method": "rtn", "granularity": "channel", "symmetric": True,
+                    "activations": s.activations, "emit": s.emit, "lm_head": "float32",
+                    "keep_float": list(s.keep_float), "smooth_alpha": None}
         if s.weights == "int4":
             return {"weights": "int4", "method": s.method, "granularity": "block", "group_size": s.group_size,
                     "symmetric": s.symmetric, "accuracy_level": INT4_ACCURACY_LEVEL, "emit": "qdq",
@@ -170,12 +189,17 @@ class TalkerModule(Module):
                          i + 2, total)
 
         layers = (self._layer(i, weights.float_layer(i)) for i in range(weights.num_layers))
+        w8a8 = {}
+        if s.w8a8:
+            from omni_export.export.w8a8_linear import W8A8GraphBuilder
+
+            w8a8 = {"builder": W8A8GraphBuilder, "emit": s.emit}
         decoder = talker_decoder.build_graph(dims, layers, weights.final_norm(),
                                              lambda: self._int8(weights.codec_head()), ctx.out_dir,
                                              accuracy_level=INT4_ACCURACY_LEVEL, on_layer=on_layer,
                                              input_proj=self._int8(weights.input_proj()),
                                              input_width=int(self._config().embedding_size), dtype=s.dtype,
-                                             keep_fp32=s.keep_fp32)
+                                             keep_fp32=s.keep_fp32, **w8a8)
         ctx.progress("talker done", total, total)
         embed_quant = None if not s.quantized else {"weights": "int8", "method": "rtn", "granularity": "channel",
                                                     "symmetric": True}
