@@ -70,6 +70,9 @@ class ThinkerModule(Module):
     fp32_parts = ("norm",)
     prefixes = ("thinker.model.language_model.", "thinker.model.")  # transformers 5.x, 4.5x
     linears = tuple(LINEARS.values())
+    #: an index calibration's sample counts (``calibration_media.MediaCalibration.counts``), once it ran
+    calibration_counts: dict | None = None
+    _say = staticmethod(lambda message: None)
 
     # -- checks and estimates ---------------------------------------------------------------
     @property
@@ -252,13 +255,27 @@ class ThinkerModule(Module):
     def _calibration_states(self, weights: ThinkerWeights):
         """What AWQ and SmoothQuant run the float layers on: the text config, the calibration
         tokens' embeddings ``[samples, seq, hidden]`` (torch) and the decoder layers' keyword
-        arguments (positions, mask) for that sequence length."""
+        arguments (positions, mask) for that sequence length.
+
+        An msModelSlim index (``calibration.index``) gives multimodal blocks instead: token
+        embeddings with transformers' audio / vision tower rows merged at the placeholders and
+        their TMRoPE positions per block (``omni_export.build.calibration_media``); the sample
+        counts go to the build output and the build info (``calibration``)."""
         import torch
 
         from omni_export.build.calibration import calibration_ids
         from omni_export.quant.awq import layer_kwargs_for
 
         text_config = self.ckpt.text_config()
+        if self.calibration.index:
+            from omni_export.build.calibration_media import counts_line, media_calibration
+
+            batch = media_calibration(self.calibration, self.ckpt, weights.embedding())
+            self.calibration_counts = batch.counts
+            self._say(counts_line(batch.counts))
+            kwargs = layer_kwargs_for(text_config, batch.hidden.shape[1],
+                                      position_ids=torch.from_numpy(batch.positions))
+            return text_config, torch.from_numpy(batch.hidden), kwargs
         ids = calibration_ids(self.calibration, self.ckpt)
         table = weights.embedding()
         hidden = torch.from_numpy(table[ids])
@@ -415,6 +432,7 @@ class ThinkerModule(Module):
         from omni_export.export.onnx_graph import Linear
 
         s = self.settings
+        self._say = ctx.say  # the calibration counts line
         weights = self.weights()
         dims = self.dims()
         total = dims.num_hidden_layers + 2
@@ -466,6 +484,8 @@ class ThinkerModule(Module):
                                  "lm_head_and_norm": max(0, decoder_bytes - sum(layer_bytes))}}
         if awq_stats:
             info["smoothing" if s.w8a8 else "awq"] = awq_stats
+        if self.calibration_counts is not None:
+            info["calibration"] = self.calibration_counts
         return ModuleBuild({thinker_embedding.GRAPH_NAME: (embedding, embed_quant),
                             thinker_decoder.GRAPH_NAME: (decoder, quant)}, info)
 
