@@ -129,7 +129,15 @@ class ThinkerModule(Module):
             c = self.calibration
             tokens = c.samples * c.sequence_length if c else 512
             calib = 4 * tokens * (4 * d.hidden_size + 2 * cfg.intermediate_size) * 2
-        return int(max(4 * layer + calib, 2 * table + layer) + 1.5e9)
+        media = 0
+        if calib and self.calibration is not None and self.calibration.index:
+            # the index's samples are embedded with the float32 audio and vision towers beside the table
+            from omni_export.modules.audio import AudioModule
+            from omni_export.modules.vision import VisionModule
+
+            towers = sum(self.ckpt.numel(self.ckpt.tensor_names(m.prefixes).values()) for m in (AudioModule, VisionModule))
+            media = 4 * towers * 2 + table
+        return int(max(4 * layer + calib, 2 * table + layer, media) + 1.5e9)
 
     def config(self) -> dict:
         thinker = self.ckpt.config.thinker_config
