@@ -314,6 +314,33 @@ def test_blocks_continue_positions(tiny_checkpoint, folder):
     assert np.array_equal(batch.positions, np.broadcast_to(np.arange(16), (3, 2, 16)))
 
 
+def test_media_the_runtime_refuses(tiny_checkpoint, folder):
+    """A video without an audio track (use_audio_in_video, the default) or an undecodable image:
+    an error naming the index, the sample and the fix, raised before any layer runs."""
+    import dataclasses
+
+    from omni_export.build.calibration_media import media_calibration
+    from omni_export.checkpoint.reader import Checkpoint
+    from omni_export.modules.thinker import ThinkerWeights
+
+    ckpt = Checkpoint.open(tiny_checkpoint)
+    table = ThinkerWeights(ckpt).embedding()
+    bad = folder / "bad"
+    bad.mkdir(exist_ok=True)
+    media.write_video(bad / "silent.mp4", seconds=1.0, fps=10)
+    (bad / "broken.png").write_bytes(b"not a picture")
+    for entry, needles in (({"video": "silent.mp4"}, ["no audio track", "calibration.use_audio_in_video: false"]),
+                           ({"image": "broken.png"}, ["broken.png"])):
+        index = write_jsonl(bad / "index.jsonl", [{"text": "fine"}, entry])
+        cal = load_recipe("w8a8").with_calibration_file(index).calibration
+        with pytest.raises(CalibrationError) as info:
+            media_calibration(dataclasses.replace(cal, samples=8, sequence_length=64), ckpt, table)
+        message = str(info.value)
+        assert info.value.path == str(index) and "sample 2" in message and "fix:" in message, message
+        for needle in needles:
+            assert needle in message, (needle, message)
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 

@@ -218,8 +218,10 @@ def media_calibration(calibration, ckpt, embedding: np.ndarray) -> MediaCalibrat
             streams.append(preparer.inputs(sample))
         except OmniError as exc:  # a media file the runtime refuses: name the sample, keep the fix
             where = f" ({exc.path})" if exc.path and exc.path != os.fspath(index) else ""
-            raise CalibrationError(f"sample {sample.number}{where}: {exc.problem}", path=index,
-                                   fix=exc.fix or "fix or remove the sample") from None
+            fix = exc.fix or "fix or remove the sample"
+            if exc.param == "use_audio_in_video":  # the runtime's fix names its API argument
+                fix = "give the sample a video with an audio track, or set calibration.use_audio_in_video: false"
+            raise CalibrationError(f"sample {sample.number}{where}: {exc.problem}", path=index, fix=fix) from None
         total += streams[-1].ids.size
     preparer.release()
     embeds, positions, repeated = _stream(streams, need)
