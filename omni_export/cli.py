@@ -155,9 +155,11 @@ def build(
                                                              "matmulnbits (the contrib op directly: faster load, "
                                                              "onnxruntime only); sets `emit` of every module whose "
                                                              "recipe section has it; default: the recipe's."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration conversations for AWQ: a JSONL file, "
-                                                               "one Qwen-style messages list per line "
-                                                               "(default: the built-in set)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data for AWQ / W8A8: a JSONL file, "
+                                                               "one Qwen-style messages list per line, or an "
+                                                               "msModelSlim index.json / index.jsonl of text, image, "
+                                                               "audio and video samples (or a directory holding "
+                                                               "one) (default: the built-in set; recipes/README.md)."),
     target: str = typer.Option("cpu", "--target", help="Device the bundle is for: cpu (float32 float parts) or "
                                                        "cuda (the recipe's targets.cuda settings: float16 / int8 "
                                                        "float parts in the built-in recipes); recorded in the "

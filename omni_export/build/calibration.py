@@ -7,6 +7,11 @@ conversation per line, either a messages list or ``{"messages": [...]}``; each m
 ``{"role": "system" | "user" | "assistant", "content": str | [{"type": "text", "text": str}, ...]}``.
 Blank lines are skipped.
 
+``--calib`` (or ``calibration.source``) also takes an msModelSlim calibration index (multimodal
+samples): :func:`index_file` tells the two apart and :func:`load_index` reads an index; the
+media are embedded by ``omni_export.build.calibration_media``. recipes/README.md ("Calibration")
+documents both formats.
+
 No torch here: the recipe check reads calibration files before any model is loaded.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +30,15 @@ from omni_runtime.errors import OmniError
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content")
 BUILTIN_FILE = "calibration_data.jsonl"
+#: msModelSlim's index names (``JsonlDatasetLoader.is_support``: the exact file name decides)
+INDEX_NAMES = ("index.json", "index.jsonl")
+MEDIA_KINDS = ("image", "audio", "video")
+INDEX_KEYS = ("text", *MEDIA_KINDS)
+#: the media suffixes msModelSlim's JsonlDatasetLoader accepts
+MEDIA_SUFFIXES = {"image": (".jpg", ".jpeg", ".png"), "audio": (".wav", ".mp3"), "video": (".mp4",)}
+#: ``default_text`` of msModelSlim's lab_practice/qwen2_5_omni_thinker/qwen2_5_omni_thinker_w8a8.yaml
+DEFAULT_TEXT = "What are the elements can you see and hear in these medias."
+EXAMPLE_SAMPLE = '{"text": "What is in the picture?", "image": "images/cat.png", "audio": "speech/q.wav"}'
 EXAMPLE_LINE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 
 
@@ -174,3 +189,143 @@ def calibration_batch(messages_list: list[list[dict]], tokenizer_json_path: str 
     if stream.size < need:
         stream = np.tile(stream, -(-need // stream.size))
     return np.ascontiguousarray(stream[:need].reshape(samples, sequence_length))
+
+
+# ---------------------------------------------------------------------------------------------
+# msModelSlim calibration index (multimodal samples)
+
+
+@dataclass(frozen=True)
+class IndexSample:
+    """One sample of an index: its number (1-based, as msModelSlim counts entries), its text
+    (``default_text`` when it has none) and the resolved paths of its media (None: absent)."""
+
+    number: int
+    text: str
+    image: Path | None = None
+    audio: Path | None = None
+    video: Path | None = None
+
+    def missing(self, kinds) -> list[str]:
+        """The modalities of ``kinds`` this sample has no file for."""
+        return [kind for kind in kinds if getattr(self, kind) is None]
+
+
+def index_file(path: str | os.PathLike) -> Path | None:
+    """The index file if ``path`` names an msModelSlim index, else None (a JSONL of conversations).
+
+    As msModelSlim's loader chain decides: a file named exactly ``index.json`` or ``index.jsonl``
+    is an index; a directory must hold exactly one of them (both, or neither, is an error
+    naming the directory); any other file is a conversations JSONL."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in INDEX_NAMES if (path / name).is_file()]
+        if len(found) != 1:
+            problem = ("the directory holds both index.json and index.jsonl" if found
+                       else "the directory holds no index.json or index.jsonl")
+            raise CalibrationError(problem, path=path,
+                                   fix="keep exactly one msModelSlim index (index.json or index.jsonl) in it, "
+                                       "or pass the index file itself")
+        return found[0]
+    return path if path.name in INDEX_NAMES else None
+
+
+def load_index(path: str | os.PathLike, default_text: str = DEFAULT_TEXT) -> list[IndexSample]:
+    """The samples of an msModelSlim index file, every entry checked (a CalibrationError naming
+    the file, the sample number and the fix otherwise).
+
+    ``index.jsonl``: one JSON object per non-blank line. ``index.json``: one object, or a list of
+    objects. An entry's keys are ``text`` and any of ``image``, ``audio``, ``video``; a missing,
+    null or empty ``text`` takes ``default_text``; media paths are relative to the index's
+    folder (absolute paths are allowed, as in msModelSlim), with msModelSlim's suffixes."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CalibrationError("calibration index does not exist", path=path,
+                               fix="pass an existing index.json / index.jsonl (or a directory holding one)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read the calibration index: {exc}", path=path,
+                               fix="pass a UTF-8 JSON file") from None
+    entries: list[tuple[object, str]] = []  # (entry, where it is, for messages)
+    if path.suffix == ".jsonl":
+        for line_number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"sample {len(entries) + 1} (line {line_number})"
+            try:
+                entries.append((json.loads(line), where))
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})", path=path,
+                                       fix=f"write one sample object per line, e.g. {EXAMPLE_SAMPLE}") from None
+    else:
+        try:
+            content = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path=path,
+                                   fix=f"write one sample object or a list of them, e.g. [{EXAMPLE_SAMPLE}]") from None
+        if isinstance(content, dict):
+            content = [content]
+        if not isinstance(content, list):
+            raise CalibrationError(f"index.json holds {_kind(content)}, not a sample object or a list of them",
+                                   path=path, fix=f"write e.g. [{EXAMPLE_SAMPLE}]")
+        entries = [(item, f"sample {i}") for i, item in enumerate(content, start=1)]
+    if not entries:
+        raise CalibrationError("the calibration index has no samples", path=path,
+                               fix=f"add at least one sample, e.g. {EXAMPLE_SAMPLE}")
+    return [_index_sample(item, number, where, path, default_text)
+            for number, (item, where) in enumerate(entries, start=1)]
+
+
+def _index_sample(item, number: int, where: str, path: Path, default_text: str) -> IndexSample:
+    def bad(problem: str, fix: str) -> CalibrationError:
+        return CalibrationError(f"{where}: {problem}", path=path, fix=fix)
+
+    if not isinstance(item, dict):
+        raise bad(f"is {_kind(item)}, not an object", f"write each sample as an object, e.g. {EXAMPLE_SAMPLE}")
+    extra = sorted(set(item) - set(INDEX_KEYS))
+    if extra:
+        raise bad(f"unknown key(s) {', '.join(map(repr, extra))}",
+                  f"keep only {', '.join(INDEX_KEYS)} (media paths relative to the index's folder)")
+    text = item.get("text")
+    if text is None or text == "":  # msModelSlim: no text -> default_text
+        text = default_text
+    elif not isinstance(text, str) or not text.strip():
+        raise bad(f"text must be a non-empty string, got {json.dumps(text, ensure_ascii=False)[:60]}",
+                  "give the sample some text, or leave text out to use calibration.default_text")
+    else:
+        text = text.strip()
+    media = {kind: _media_path(item.get(kind), kind, path.parent, bad) for kind in MEDIA_KINDS}
+    return IndexSample(number, text, **media)
+
+
+def _media_path(raw, kind: str, base: Path, bad) -> Path | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw.strip():
+        raise bad(f"{kind} must be a non-empty path string, got {json.dumps(raw, ensure_ascii=False)[:60]}",
+                  f"write {kind} as a path relative to the index's folder, or leave it out")
+    media = Path(raw.strip()).expanduser()
+    if not media.is_absolute():
+        media = (base / media).resolve()
+    suffixes = MEDIA_SUFFIXES[kind]
+    if media.suffix.lower() not in suffixes:
+        raise bad(f"{kind} {raw!r} has suffix {media.suffix!r}, msModelSlim's {kind} suffixes are {', '.join(suffixes)}",
+                  f"convert the file to one of {', '.join(suffixes)}")
+    if not media.is_file():
+        raise bad(f"{kind} file {media} does not exist",
+                  f"fix the path ({kind} paths are relative to the index's folder {base})")
+    return media
+
+
+def select_samples(samples: list[IndexSample], require) -> tuple[list[IndexSample], dict[str, int]]:
+    """(the samples that have every modality of ``require``, skipped sample counts by missing
+    modality: a sample missing two is counted under both)."""
+    used, skipped = [], {}
+    for sample in samples:
+        missing = sample.missing(require)
+        for kind in missing:
+            skipped[kind] = skipped.get(kind, 0) + 1
+        if not missing:
+            used.append(sample)
+    return used, skipped

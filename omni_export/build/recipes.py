@@ -23,9 +23,12 @@ path to a YAML file. ``recipes/README.md`` documents schema version 2::
         smooth_alpha: null       # W8A8 only: SmoothQuant migration strength in [0, 1], calibrated
         emit: qdq                # qdq | matmulnbits; W8A8: matmulinteger_u8 | matmulinteger | matmulintegertofloat
     calibration:                 # only when a module uses method awq or smooth_alpha (defaults filled if omitted)
-      source: builtin
+      source: builtin            # builtin | a JSONL of conversations | an msModelSlim index.json / index.jsonl (or its folder)
       samples: 4
       sequence_length: 128
+      default_text: null         # index samples without text (null: msModelSlim's Qwen2.5-Omni prompt)
+      require: []                # index samples missing one of these modalities are skipped and counted
+      use_audio_in_video: true   # index videos also feed their audio track
     targets:                     # optional: per build target, module settings that replace the above
       cuda:                      #   (omni-export build --target cuda); cpu uses ``modules`` as written
         modules:
@@ -86,8 +89,12 @@ OPTIONAL_KEYS = {"activations": "float", "smooth_alpha": None, "static_activatio
 LIST_KEYS = ("keep_float", "keep_fp32", "static_activations")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
-CALIBRATION_KEYS = ("source", "samples", "sequence_length")
-CALIBRATION_DEFAULTS = {"source": "builtin", "samples": 4, "sequence_length": 128}
+CALIBRATION_KEYS = ("source", "samples", "sequence_length", "default_text", "require", "use_audio_in_video")
+#: default_text: msModelSlim's qwen2_5_omni_thinker default (omni_export.build.calibration.DEFAULT_TEXT);
+#: use_audio_in_video: as msModelSlim's Qwen2.5-Omni adapter calibrates (USE_AUDIO_IN_VIDEO = True)
+CALIBRATION_DEFAULTS = {"source": "builtin", "samples": 4, "sequence_length": 128,
+                        "default_text": None, "require": [], "use_audio_in_video": True}
+CALIBRATION_MODALITIES = ("image", "audio", "video")
 
 
 class RecipeError(OmniError):
@@ -230,16 +237,36 @@ class ModuleRecipe:
 class CalibrationRecipe:
     """Calibration data for AWQ: the built-in conversations or a JSONL file."""
 
-    source: str  # "builtin" or "file"
+    source: str  # "builtin", "file" (a JSONL of conversations) or "index" (an msModelSlim index)
     samples: int
     sequence_length: int
-    file: Path | None = None  # the JSONL file when source is "file"
+    file: Path | None = None  # the JSONL file or the index file (index.json / index.jsonl)
     sha256: str | None = None  # of that file, recorded in the manifest
+    #: index samples without text take this (None: msModelSlim's qwen2_5_omni_thinker default)
+    default_text: str | None = None
+    #: modalities an index sample must have to be used (the others are skipped and counted)
+    require: tuple[str, ...] = ()
+    #: index videos also feed their audio track (interleaved, as msModelSlim calibrates)
+    use_audio_in_video: bool = True
+
+    @property
+    def index(self) -> bool:
+        """True if the samples come from an msModelSlim index (multimodal)."""
+        return self.source == "index"
+
+    @property
+    def text(self) -> str:
+        """The text of an index sample that has none."""
+        from omni_export.build.calibration import DEFAULT_TEXT
+
+        return DEFAULT_TEXT if self.default_text is None else self.default_text
 
     def to_json(self) -> dict:
         data = {"source": self.source, "samples": self.samples, "sequence_length": self.sequence_length}
         if self.file is not None:
             data.update(file=self.file.name, sha256=self.sha256)
+        if self.index:  # the keys that shape an index's samples (text-only recipes record none)
+            data.update(default_text=self.text, require=list(self.require), use_audio_in_video=self.use_audio_in_video)
         return data
 
 
@@ -272,7 +299,8 @@ class Recipe:
         }
 
     def with_calibration_file(self, path: str | Path) -> Recipe:
-        """This recipe calibrating on the JSONL file ``path`` (``--calib FILE``), checked now."""
+        """This recipe calibrating on ``path`` (``--calib``): a JSONL file of conversations or an
+        msModelSlim index (file or directory), checked now; the recipe's other calibration keys stay."""
         path = Path(path)
         if self.calibration is None:
             raise RecipeError(f"recipe {self.name!r} does not calibrate (no module uses method awq or "
@@ -597,11 +625,24 @@ def _parse_calibration(raw, bad, source: str, base: Path | None) -> CalibrationR
     for key in ("samples", "sequence_length"):
         if not _is_int(values[key]) or values[key] < 1:
             raise bad(f"calibration.{key}: {values[key]!r} is not valid", "use a positive integer")
+    text = values["default_text"]
+    if text is not None and (not isinstance(text, str) or not text.strip()):
+        raise bad(f"calibration.default_text: {text!r} is not valid",
+                  "use a non-empty string (the text of index samples without one)")
+    require = values["require"]
+    if (not isinstance(require, list) or any(k not in CALIBRATION_MODALITIES for k in require)
+            or len(set(require)) != len(require)):
+        raise bad(f"calibration.require: {require!r} is not valid",
+                  f"use a list of distinct modalities from: {', '.join(CALIBRATION_MODALITIES)} (e.g. [image])")
+    if not isinstance(values["use_audio_in_video"], bool):
+        raise bad(f"calibration.use_audio_in_video: {values['use_audio_in_video']!r} is not valid", "use true or false")
     src = values["source"]
     if not isinstance(src, str) or not src:
         raise bad(f"calibration.source: {src!r} is not valid",
-                  "use builtin, or the path of a JSONL file of conversations")
-    cal = CalibrationRecipe("builtin", values["samples"], values["sequence_length"])
+                  "use builtin, the path of a JSONL file of conversations, or an msModelSlim index "
+                  "(index.json / index.jsonl, or a directory holding one)")
+    cal = CalibrationRecipe("builtin", values["samples"], values["sequence_length"], default_text=text,
+                            require=tuple(require), use_audio_in_video=values["use_audio_in_video"])
     if src == "builtin":
         return cal
     path = Path(src).expanduser()
@@ -614,16 +655,33 @@ def _parse_calibration(raw, bad, source: str, base: Path | None) -> CalibrationR
 
 
 def _file_calibration(cal: CalibrationRecipe, path: Path, recipe_source: str | None = None) -> CalibrationRecipe:
-    """``cal`` reading ``path``, whose content is checked now (a CalibrationError otherwise)."""
-    from omni_export.build.calibration import load_calibration_file
+    """``cal`` reading ``path``: a JSONL of conversations, or an msModelSlim index (a file named
+    index.json / index.jsonl, or a directory holding exactly one), whose content is checked now
+    (a CalibrationError otherwise)."""
+    from omni_export.build.calibration import CalibrationError, index_file, load_calibration_file, load_index, \
+        select_samples
 
-    if not path.is_file():
+    where = f"; it is named by calibration.source in {recipe_source}" if recipe_source else ""
+    if not path.exists():
         raise RecipeError("calibration file does not exist", path=path,
-                          fix="pass an existing JSONL file of conversations (one messages list per line)"
-                          + (f"; it is named by calibration.source in {recipe_source}" if recipe_source else ""))
-    load_calibration_file(path)
-    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    return dataclasses.replace(cal, source="file", file=path, sha256=sha256)
+                          fix="pass an existing JSONL file of conversations (one messages list per line), or an "
+                              "msModelSlim index (index.json / index.jsonl, or a directory holding one)" + where)
+    index = index_file(path)
+    if index is None and path.is_dir():  # not reached: index_file refuses a directory without one index
+        raise RecipeError("calibration path is a directory without an index", path=path, fix="pass a file" + where)
+    if index is None:
+        load_calibration_file(path)
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        return dataclasses.replace(cal, source="file", file=path, sha256=sha256)
+    samples = load_index(index, cal.text)
+    used, skipped = select_samples(samples, cal.require)
+    if not used:
+        counts = ", ".join(f"{n} without {kind}" for kind, n in skipped.items())
+        raise CalibrationError(f"no sample of the index has every modality calibration.require names "
+                               f"({', '.join(cal.require)}): {counts}", path=index,
+                               fix="add samples with those media, or require fewer modalities")
+    sha256 = hashlib.sha256(index.read_bytes()).hexdigest()
+    return dataclasses.replace(cal, source="index", file=index, sha256=sha256)
 
 
 def _v1_conversion(data: dict) -> str:

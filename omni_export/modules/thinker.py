@@ -70,6 +70,9 @@ class ThinkerModule(Module):
     fp32_parts = ("norm",)
     prefixes = ("thinker.model.language_model.", "thinker.model.")  # transformers 5.x, 4.5x
     linears = tuple(LINEARS.values())
+    #: an index calibration's sample counts (``calibration_media.MediaCalibration.counts``), once it ran
+    calibration_counts: dict | None = None
+    _say = staticmethod(lambda message: None)
 
     # -- checks and estimates ---------------------------------------------------------------
     @property
@@ -126,7 +129,15 @@ class ThinkerModule(Module):
             c = self.calibration
             tokens = c.samples * c.sequence_length if c else 512
             calib = 4 * tokens * (4 * d.hidden_size + 2 * cfg.intermediate_size) * 2
-        return int(max(4 * layer + calib, 2 * table + layer) + 1.5e9)
+        media = 0
+        if calib and self.calibration is not None and self.calibration.index:
+            # the index's samples are embedded with the float32 audio and vision towers beside the table
+            from omni_export.modules.audio import AudioModule
+            from omni_export.modules.vision import VisionModule
+
+            towers = sum(self.ckpt.numel(self.ckpt.tensor_names(m.prefixes).values()) for m in (AudioModule, VisionModule))
+            media = 4 * towers * 2 + table
+        return int(max(4 * layer + calib, 2 * table + layer, media) + 1.5e9)
 
     def config(self) -> dict:
         thinker = self.ckpt.config.thinker_config
@@ -252,13 +263,27 @@ class ThinkerModule(Module):
     def _calibration_states(self, weights: ThinkerWeights):
         """What AWQ and SmoothQuant run the float layers on: the text config, the calibration
         tokens' embeddings ``[samples, seq, hidden]`` (torch) and the decoder layers' keyword
-        arguments (positions, mask) for that sequence length."""
+        arguments (positions, mask) for that sequence length.
+
+        An msModelSlim index (``calibration.index``) gives multimodal blocks instead: token
+        embeddings with transformers' audio / vision tower rows merged at the placeholders and
+        their TMRoPE positions per block (``omni_export.build.calibration_media``); the sample
+        counts go to the build output and the build info (``calibration``)."""
         import torch
 
         from omni_export.build.calibration import calibration_ids
         from omni_export.quant.awq import layer_kwargs_for
 
         text_config = self.ckpt.text_config()
+        if self.calibration.index:
+            from omni_export.build.calibration_media import counts_line, media_calibration
+
+            batch = media_calibration(self.calibration, self.ckpt, weights.embedding())
+            self.calibration_counts = batch.counts
+            self._say(counts_line(batch.counts))
+            kwargs = layer_kwargs_for(text_config, batch.hidden.shape[1],
+                                      position_ids=torch.from_numpy(batch.positions))
+            return text_config, torch.from_numpy(batch.hidden), kwargs
         ids = calibration_ids(self.calibration, self.ckpt)
         table = weights.embedding()
         hidden = torch.from_numpy(table[ids])
@@ -415,6 +440,7 @@ class ThinkerModule(Module):
         from omni_export.export.onnx_graph import Linear
 
         s = self.settings
+        self._say = ctx.say  # the calibration counts line
         weights = self.weights()
         dims = self.dims()
         total = dims.num_hidden_layers + 2
@@ -466,6 +492,8 @@ class ThinkerModule(Module):
                                  "lm_head_and_norm": max(0, decoder_bytes - sum(layer_bytes))}}
         if awq_stats:
             info["smoothing" if s.w8a8 else "awq"] = awq_stats
+        if self.calibration_counts is not None:
+            info["calibration"] = self.calibration_counts
         return ModuleBuild({thinker_embedding.GRAPH_NAME: (embedding, embed_quant),
                             thinker_decoder.GRAPH_NAME: (decoder, quant)}, info)
 

@@ -245,19 +245,26 @@ def fake_quantize(
 # ------------------------------------------------------------------------------------ layer kwargs
 
 
-def layer_kwargs_for(text_config, seq_len: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def layer_kwargs_for(text_config, seq_len: int, dtype: torch.dtype = torch.float32,
+                     position_ids: torch.Tensor | None = None) -> dict[str, Any]:
     """Keyword arguments of ``Qwen2_5OmniDecoderLayer.forward`` for a causal batch of text-only
     samples of ``seq_len`` tokens each, positions 0..seq_len-1, as
     ``Qwen2_5OmniThinkerTextModel.forward`` builds them: ``position_embeddings`` (cos, sin)
     [1, seq, head_dim] from the model's rotary embedding with the three M-RoPE position axes
     equal (text tokens), and an additive causal ``attention_mask`` [1, 1, seq, seq] (valid for
-    the eager and sdpa attention implementations)."""
+    the eager and sdpa attention implementations).
+
+    ``position_ids`` [3, batch, seq_len] (TMRoPE, e.g. multimodal calibration samples) replace
+    the text positions: cos and sin are then [batch, seq, head_dim], one row of positions per sample."""
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRotaryEmbedding
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if position_ids is not None and (position_ids.dim() != 3 or position_ids.shape[0] != 3
+                                     or position_ids.shape[2] != seq_len):
+        raise ValueError(f"position_ids must be [3, batch, {seq_len}], got shape {tuple(position_ids.shape)}")
     rotary = Qwen2_5OmniRotaryEmbedding(config=text_config)
-    positions = torch.arange(seq_len).view(1, 1, -1).expand(3, 1, -1)
+    positions = torch.arange(seq_len).view(1, 1, -1).expand(3, 1, -1) if position_ids is None else position_ids
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=dtype), positions)
     mask = torch.full((seq_len, seq_len), torch.finfo(dtype).min, dtype=dtype).triu_(1)
