@@ -112,10 +112,13 @@ def _as_module(fn):
     return _Call()
 
 
-def decoder_error(ckpt, recipe, tokens: int | None = None) -> dict:
+def decoder_error(ckpt, recipe, tokens: int | None = None, inputs: np.ndarray | None = None,
+                  int8_compute: bool | None = None) -> dict:
     """``{"rel_rms", "max_abs"}`` of the thinker decoder that ``recipe`` (a ``Recipe``) builds
     from checkpoint ``ckpt`` (a ``Checkpoint`` or its directory), against the float checkpoint,
-    on verify's random prefill (module docstring)."""
+    on verify's random prefill (module docstring), or on ``inputs`` [batch, seq, hidden].
+    ``int8_compute`` (default: the recipe's ``accuracy_level`` is 4) quantizes the int4 linears'
+    inputs as the CPU runtime does."""
     import torch
 
     from omni_export.checkpoint.reader import Checkpoint
@@ -129,9 +132,10 @@ def decoder_error(ckpt, recipe, tokens: int | None = None) -> dict:
     cfg = ckpt.text_config()
     settings = recipe.modules["thinker"]
     module = ThinkerModule(ckpt, settings, recipe.calibration)
-    int8_compute = settings.accuracy_level == 4  # the runtime's CPU session setting
+    if int8_compute is None:
+        int8_compute = settings.accuracy_level == 4  # the runtime's CPU session setting
     reference = ThinkerModule.reference(ckpt)
-    x = torch.from_numpy(verify_decoder_input(ckpt, tokens))
+    x = torch.from_numpy(verify_decoder_input(ckpt, tokens) if inputs is None else np.asarray(inputs, np.float32))
     kwargs = layer_kwargs_for(cfg, x.shape[1])
     ours, ref = x, x
     with torch.no_grad():
