@@ -58,6 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     import transformers
 
+    from omni_export.testkit.outliers import OutlierSpec
+
 __all__ = [
     "AWQ_GROUP_SIZE",
     "CHECKPOINT_FILES",
@@ -172,20 +174,37 @@ def _resolve_dtype(preset: str, dtype: str | None) -> str:
     return _DTYPE_ALIASES[key]
 
 
-def _preset_dicts(preset: str, layers: int | None) -> dict[str, Any]:
-    """Keyword dicts for the sub-configs of ``preset``."""
+def _check_hidden(preset: str, hidden: int | None) -> None:
+    if hidden is None:
+        return
+    if preset != "tiny":
+        raise ValueError(f"hidden can only be set for the tiny preset, not {preset!r}")
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 32 or hidden % 16:
+        raise ValueError(f"hidden must be a multiple of 16 and at least 32, got {hidden!r}")
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Temporal, height, width rotary sections summing to ``head_dim / 2`` (tiny 16: [2, 3, 3])."""
+    half = head_dim // 2
+    return [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+
+
+def _preset_dicts(preset: str, layers: int | None, hidden: int | None = None) -> dict[str, Any]:
+    """Keyword dicts for the sub-configs of ``preset``; ``hidden`` overrides the tiny thinker's
+    width (MLP twice as wide, 4 query and 2 KV heads of hidden / 4)."""
     if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 1):
         raise ValueError(f"layers must be a positive integer, got {layers!r}")
+    _check_hidden(preset, hidden)
     if preset == "tiny":
         n = layers or 2
-        hidden = 64
+        hidden = hidden or 64
         text = dict(
             hidden_size=hidden,
-            intermediate_size=128,
+            intermediate_size=2 * hidden,
             num_hidden_layers=n,
             num_attention_heads=4,
-            num_key_value_heads=2,  # head_dim 16
-            mrope_section=[2, 3, 3],  # sums to head_dim / 2
+            num_key_value_heads=2,  # head_dim hidden / 4 (16)
+            mrope_section=_mrope_section(hidden // 4),  # sums to head_dim / 2
         )
         audio = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64)
         vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, fullatt_block_indexes=[1])
@@ -295,12 +314,14 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(old)
 
 
-def build_config(preset: str = "tiny", layers: int | None = None) -> "transformers.Qwen2_5OmniConfig":
-    """The ``Qwen2_5OmniConfig`` of a preset; ``layers`` overrides the thinker text layer count."""
+def build_config(preset: str = "tiny", layers: int | None = None,
+                 hidden: int | None = None) -> "transformers.Qwen2_5OmniConfig":
+    """The ``Qwen2_5OmniConfig`` of a preset; ``layers`` overrides the thinker text layer count,
+    ``hidden`` the tiny thinker's width."""
     _check_preset(preset)
     from transformers import Qwen2_5OmniConfig
 
-    d = _preset_dicts(preset, layers)
+    d = _preset_dicts(preset, layers, hidden)
     thinker = dict(
         text_config=d["text"],
         audio_config=d["audio"],
@@ -642,13 +663,14 @@ def _draw_special_rows(model, config, seed: int) -> None:
 
 
 def _write_into(
-    tmp: Path, preset: str, seed: int, layers: int | None, dtype_name: str, progress: bool, awq: bool = False
+    tmp: Path, preset: str, seed: int, layers: int | None, dtype_name: str, progress: bool, awq: bool = False,
+    hidden: int | None = None, outliers: "OutlierSpec | None" = None,
 ) -> None:
     import torch
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     target = getattr(torch, dtype_name)
-    config = build_config(preset, layers)
+    config = build_config(preset, layers, hidden)
 
     t0 = time.monotonic()
     _say(progress, f"building {preset} model ({dtype_name}, seed {seed})")
@@ -658,6 +680,10 @@ def _write_into(
     model.eval()
     _speak_the_codebook(model, config)
     _draw_special_rows(model, config, seed)
+    if outliers is not None:
+        from omni_export.testkit.outliers import plant_outliers
+
+        plant_outliers(model.thinker.model.language_model, seed, outliers)
     n_params = sum(p.numel() for p in model.parameters())
     _say(progress, f"initialized {n_params / 1e6:.1f} M parameters in {time.monotonic() - t0:.1f} s")
 
@@ -708,6 +734,8 @@ def write_tiny_checkpoint(
     dtype: str | None = None,
     progress: bool = False,
     awq: bool = False,
+    hidden: int | None = None,
+    outliers: "OutlierSpec | None" = None,
 ) -> Path:
     """Write a random-weight Qwen2.5-Omni checkpoint of ``preset`` into ``out_dir``.
 
@@ -721,10 +749,14 @@ def write_tiny_checkpoint(
     ``.qzeros`` int32 and ``.scales`` float16 (RTN int4 of the same random weights, group size
     :data:`AWQ_GROUP_SIZE`), its bias as float16, and config.json gets the
     ``quantization_config`` of :func:`awq_quantization_config`; everything else is unchanged.
+
+    ``hidden`` sets the tiny thinker's width; ``outliers`` (an
+    :class:`omni_export.testkit.outliers.OutlierSpec`) plants outlier hidden channels and massive
+    activations in the thinker (:func:`omni_export.testkit.outliers.plant_outliers`).
     """
     _check_preset(preset)
     dtype_name = _resolve_dtype(preset, dtype)
-    _preset_dicts(preset, layers)  # validate `layers` before touching the disk
+    _preset_dicts(preset, layers, hidden)  # validate `layers` and `hidden` before touching the disk
     out_dir = Path(out_dir)
     if _is_nonempty(out_dir):
         raise FileExistsError(
@@ -743,7 +775,7 @@ def write_tiny_checkpoint(
         raise
     track_temporary(tmp, made)
     try:
-        _write_into(tmp, preset, seed, layers, dtype_name, progress, awq=bool(awq))
+        _write_into(tmp, preset, seed, layers, dtype_name, progress, awq=bool(awq), hidden=hidden, outliers=outliers)
         if _is_nonempty(out_dir):
             raise FileExistsError(
                 f"{out_dir} appeared while the checkpoint was being written; it was left untouched"

@@ -1,0 +1,138 @@
+"""AWQ's gain over int4 RTN on outlier thinkers it was not tuned on, and SmoothQuant's alpha for W8A8.
+
+Each model is a tiny random checkpoint with planted outliers (``omni_export.testkit.outliers``:
+outlier hidden channels in embedding columns and RMSNorm weights, massive up_proj / v_proj rows)
+at a given width and seed. The error is verify's ``thinker_decoder`` ``rel_rms``
+(``omni_export.testkit.decoder_error``, equal to ``verify --json`` to 1e-7 on a hidden-96 model) on
+three inputs: verify's own 16-token random prefill, the same draw with 256 tokens (less noise),
+and 256 held-out token embeddings drawn like the calibration states. AWQ variants (``--variants``)
+patch ``AwqConfig`` fields or the calibration size. The alpha sweep builds W8A8 (per token) with
+``smooth_alpha`` in ALPHAS on the same models.
+
+    PYTHONPATH=$PWD:$PWD/runtime python benchmarks/awq_study.py --widths 96 --seeds 31 --groups 32,64,128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ALPHAS = (0.0, 0.25, 0.5, 0.65, 0.8, 1.0)
+#: name -> (AwqConfig overrides, (samples, sequence_length) or None)
+VARIANTS = {
+    "base": ({}, None),
+    "grid20": ({"grid": 20}, None),
+    "noduo": ({"duo_scaling": False}, None),
+    "noclip": ({"clip": False}, None),
+    "cal16x256": ({}, (16, 256)),
+}
+OUT = Path(__file__).parent / "results" / "2026-12-06" / "awq_study.json"
+
+
+def _recipe(name: str, group: int | None = None, calibration=None, alpha=None):
+    from omni_export.build.recipes import load_recipe
+
+    r = load_recipe(name)
+    changes = {}
+    if group is not None:
+        changes["group_size"] = group
+    if alpha is not None:
+        changes["smooth_alpha"] = alpha
+    cal = r.calibration
+    if calibration is not None and cal is not None:
+        cal = dataclasses.replace(cal, samples=calibration[0], sequence_length=calibration[1])
+    return dataclasses.replace(r, calibration=cal,
+                               modules={**r.modules, "thinker": dataclasses.replace(r.modules["thinker"], **changes)})
+
+
+def _patched_awq(overrides: dict):
+    """``omni_export.quant.awq.AwqConfig`` with ``overrides`` (the thinker builds its config from it)."""
+    import omni_export.quant.awq as awq
+
+    base = awq.AwqConfig
+
+    class Patched(base):
+        def __init__(self, *args, **kwargs):  # the dataclass __init__ calls no subclass __post_init__
+            super().__init__(*args, **kwargs)
+            for key, value in overrides.items():
+                setattr(self, key, value)
+
+    return base, Patched
+
+
+def _inputs(ckpt):
+    from omni_export.modules.thinker import ThinkerModule
+    from omni_export.testkit.decoder_error import verify_decoder_input
+
+    table = ThinkerModule.reference(ckpt).weights().embedding()
+    ids = np.random.default_rng(7).choice(table.shape[0], 256, replace=False)
+    return {"verify16": None, "verify256": verify_decoder_input(ckpt, 256),
+            "tokens256": table[ids].reshape(4, 64, -1)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", default="96,128,192")
+    p.add_argument("--seeds", default="31")
+    p.add_argument("--groups", default="32,64,128")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--alpha", action="store_true", help="also the W8A8 smoothing alpha sweep")
+    p.add_argument("--work", default="/tmp/awq/study")
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args(argv)
+
+    import omni_export.quant.awq as awq
+    from omni_export.checkpoint.reader import Checkpoint
+    from omni_export.testkit.decoder_error import decoder_error
+    from omni_export.testkit.outliers import OutlierSpec
+    from omni_export.testkit.tiny_model import write_tiny_checkpoint
+
+    rows, alpha_rows = [], []
+    for width in map(int, a.widths.split(",")):
+        for seed in map(int, a.seeds.split(",")):
+            path = Path(a.work) / f"h{width}-s{seed}"
+            if not path.exists():
+                write_tiny_checkpoint(path, seed=seed, hidden=width, outliers=OutlierSpec())
+            ckpt = Checkpoint.open(path)
+            inputs = _inputs(ckpt)
+            for group in map(int, a.groups.split(",")):
+                rtn = {k: decoder_error(ckpt, _recipe("int4-rtn", group), inputs=x)["rel_rms"] for k, x in inputs.items()}
+                for variant in a.variants.split(","):
+                    overrides, cal = VARIANTS[variant]
+                    base, patched = _patched_awq(overrides)
+                    awq.AwqConfig = patched
+                    try:
+                        err = {k: decoder_error(ckpt, _recipe("awq", group, cal), inputs=x)["rel_rms"]
+                               for k, x in inputs.items()}
+                    finally:
+                        awq.AwqConfig = base
+                    row = {"width": width, "seed": seed, "group": group, "variant": variant,
+                           **{f"rtn_{k}": v for k, v in rtn.items()}, **{f"awq_{k}": v for k, v in err.items()},
+                           **{f"ratio_{k}": err[k] / rtn[k] for k in err}}
+                    rows.append(row)
+                    print(f"h{width:4d} s{seed:3d} g{group:4d} {variant:10s} " + "  ".join(
+                        f"{k} {err[k]:.4f}/{rtn[k]:.4f}={err[k] / rtn[k]:.3f}" for k in err), flush=True)
+            if a.alpha:
+                for alpha in ALPHAS:
+                    err = {k: decoder_error(ckpt, _recipe("w8a8", alpha=alpha), inputs=x)["rel_rms"]
+                           for k, x in inputs.items()}
+                    alpha_rows.append({"width": width, "seed": seed, "alpha": alpha, **err})
+                    print(f"h{width:4d} s{seed:3d} w8a8 alpha {alpha:.2f} " + "  ".join(f"{k} {v:.4f}" for k, v in err.items()),
+                          flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "outliers": OutlierSpec().to_json(),
+                               "variants": {k: {"awq": v[0], "calibration": v[1]} for k, v in VARIANTS.items()},
+                               "awq": rows, "w8a8_alpha": alpha_rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
