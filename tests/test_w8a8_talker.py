@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from conftest import run_decoder_graph
-from test_talker_decoder_parity import make_inputs, reference
+from test_talker_decoder_parity import make_inputs, reference, reference_talker  # noqa: F401 (a fixture)
 from test_w8a8 import W8A8Reference
 
 from omni_runtime.stages.sampling import SamplingConfig
@@ -57,19 +57,10 @@ def talker_bundles(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def float_talker(tiny_checkpoint):
-    from transformers import Qwen2_5OmniForConditionalGeneration
-
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="sdpa",
-                                                                  dtype="float32")
-    return model.talker.eval()
-
-
-@pytest.fixture(scope="module")
-def w8a8_talker(float_talker):
+def w8a8_talker(reference_talker):
     import copy
 
-    talker = copy.deepcopy(float_talker)
+    talker = copy.deepcopy(reference_talker)
     for layer in talker.model.layers:
         for path in LINEARS:
             parent, leaf = path.split(".")
@@ -84,7 +75,7 @@ def rel_rms(a, b):
 
 @pytest.mark.parametrize("emit", EMITS)
 @pytest.mark.parametrize("batch,sequence,past,multimodal", CASES)
-def test_talker_decoder_matches_the_w8a8_reference(talker_bundles, w8a8_talker, float_talker, emit, batch, sequence,
+def test_talker_decoder_matches_the_w8a8_reference(talker_bundles, w8a8_talker, reference_talker, emit, batch, sequence,
                                                    past, multimodal):
     session = ort.InferenceSession(str(talker_bundles[emit] / "talker_decoder.onnx"),
                                    providers=["CPUExecutionProvider"])
@@ -96,7 +87,7 @@ def test_talker_decoder_matches_the_w8a8_reference(talker_bundles, w8a8_talker, 
     errors += [np.abs(ours - ref).max() for ours, ref in zip(presents, ref_presents)]
     assert len(presents) == len(ref_presents) == 2 * w8a8_talker.config.num_hidden_layers
     assert max(errors) <= REF_TOLERANCE
-    float_logits, float_hidden, _ = reference(float_talker, embeds, positions, past_kv)
+    float_logits, float_hidden, _ = reference(reference_talker, embeds, positions, past_kv)
     error = rel_rms(logits, float_logits)
     print(f"{emit} {batch}x{sequence} past {past}: vs W8A8 reference {max(errors):.1e}, logits vs float "
           f"max {np.abs(logits - float_logits).max():.1e} rel_rms {error:.4f}, hidden vs float "

@@ -55,15 +55,19 @@ def builtin_messages() -> list[list[dict]]:
 def load_calibration_file(path: str | os.PathLike) -> list[list[dict]]:
     """Read a JSONL calibration file: one conversation (messages list) per non-blank line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CalibrationError("calibration file does not exist", path=path,
-                               fix="pass an existing JSONL file of conversations") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"cannot read the calibration file: {exc}", path=path,
-                               fix="pass a UTF-8 JSONL file, one conversation per line") from None
+    text = _read_text(path, "calibration file", "pass an existing JSONL file of conversations",
+                      "pass a UTF-8 JSONL file, one conversation per line")
     return parse_calibration_text(text, path)
+
+
+def _read_text(path: Path, what: str, missing_fix: str, unreadable_fix: str) -> str:
+    """``path``'s UTF-8 text; a missing or unreadable file is a CalibrationError naming ``what``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CalibrationError(f"{what} does not exist", path=path, fix=missing_fix) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"cannot read the {what}: {exc}", path=path, fix=unreadable_fix) from None
 
 
 def parse_calibration_text(text: str, path: str | os.PathLike) -> list[list[dict]]:
@@ -239,14 +243,8 @@ def load_index(path: str | os.PathLike, default_text: str = DEFAULT_TEXT) -> lis
     null or empty ``text`` takes ``default_text``; media paths are relative to the index's
     folder (absolute paths are allowed, as in msModelSlim), with msModelSlim's suffixes."""
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CalibrationError("calibration index does not exist", path=path,
-                               fix="pass an existing index.json / index.jsonl (or a directory holding one)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"cannot read the calibration index: {exc}", path=path,
-                               fix="pass a UTF-8 JSON file") from None
+    raw = _read_text(path, "calibration index", "pass an existing index.json / index.jsonl (or a directory holding one)",
+                     "pass a UTF-8 JSON file")
     entries: list[tuple[object, str]] = []  # (entry, where it is, for messages)
     if path.suffix == ".jsonl":
         for line_number, line in enumerate(raw.splitlines(), start=1):
