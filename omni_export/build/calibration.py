@@ -316,6 +316,20 @@ def _media_path(raw, kind: str, base: Path, bad) -> Path | None:
     return media
 
 
+def index_samples(path: str | os.PathLike, default_text: str, require) -> tuple[list[IndexSample], list[IndexSample],
+                                                                                 dict[str, int]]:
+    """(every sample of the index ``path``, the ones used, skipped counts: ``select_samples``);
+    an index none of whose samples has every modality of ``require`` is a CalibrationError."""
+    samples = load_index(path, default_text)
+    used, skipped = select_samples(samples, require)
+    if not used:
+        counts = ", ".join(f"{n} without {kind}" for kind, n in skipped.items())
+        raise CalibrationError(f"no sample of the index has every modality calibration.require names "
+                               f"({', '.join(require)}): {counts}", path=path,
+                               fix="add samples with those media, or require fewer modalities")
+    return samples, used, skipped
+
+
 def select_samples(samples: list[IndexSample], require) -> tuple[list[IndexSample], dict[str, int]]:
     """(the samples that have every modality of ``require``, skipped sample counts by missing
     modality: a sample missing two is counted under both)."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from omni_runtime.errors import OmniError
 
-from omni_export.build.calibration import CalibrationError, IndexSample, load_index, select_samples
+from omni_export.build.calibration import CalibrationError, IndexSample, index_samples
 
 
 @dataclass
@@ -202,11 +202,8 @@ def media_calibration(calibration, ckpt, embedding: np.ndarray) -> MediaCalibrat
     """The calibration batch of a recipe's index calibration (``calibration.index``), embedded with
     the thinker's token ``embedding`` table [vocab, hidden] of checkpoint ``ckpt``."""
     index = Path(calibration.file)
-    samples = load_index(index, calibration.text)
-    used, skipped = select_samples(samples, calibration.require)
-    if not used:  # checked with the recipe already; the index may have changed since
-        raise CalibrationError("no sample of the index has every modality calibration.require names", path=index,
-                               fix="add samples with those media, or require fewer modalities")
+    # checked with the recipe already; read again (the index may have changed since)
+    samples, used, skipped = index_samples(index, calibration.text, calibration.require)
     preparer = SamplePreparer(ckpt, embedding, calibration.use_audio_in_video)
     need = calibration.samples * calibration.sequence_length
     streams: list[SampleInputs] = []

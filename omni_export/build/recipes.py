@@ -658,28 +658,19 @@ def _file_calibration(cal: CalibrationRecipe, path: Path, recipe_source: str | N
     """``cal`` reading ``path``: a JSONL of conversations, or an msModelSlim index (a file named
     index.json / index.jsonl, or a directory holding exactly one), whose content is checked now
     (a CalibrationError otherwise)."""
-    from omni_export.build.calibration import CalibrationError, index_file, load_calibration_file, load_index, \
-        select_samples
+    from omni_export.build.calibration import index_file, index_samples, load_calibration_file
 
     where = f"; it is named by calibration.source in {recipe_source}" if recipe_source else ""
     if not path.exists():
         raise RecipeError("calibration file does not exist", path=path,
                           fix="pass an existing JSONL file of conversations (one messages list per line), or an "
                               "msModelSlim index (index.json / index.jsonl, or a directory holding one)" + where)
-    index = index_file(path)
-    if index is None and path.is_dir():  # not reached: index_file refuses a directory without one index
-        raise RecipeError("calibration path is a directory without an index", path=path, fix="pass a file" + where)
+    index = index_file(path)  # a directory without exactly one index is refused there
     if index is None:
         load_calibration_file(path)
         sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         return dataclasses.replace(cal, source="file", file=path, sha256=sha256)
-    samples = load_index(index, cal.text)
-    used, skipped = select_samples(samples, cal.require)
-    if not used:
-        counts = ", ".join(f"{n} without {kind}" for kind, n in skipped.items())
-        raise CalibrationError(f"no sample of the index has every modality calibration.require names "
-                               f"({', '.join(cal.require)}): {counts}", path=index,
-                               fix="add samples with those media, or require fewer modalities")
+    index_samples(index, cal.text, cal.require)
     sha256 = hashlib.sha256(index.read_bytes()).hexdigest()
     return dataclasses.replace(cal, source="index", file=index, sha256=sha256)
 
