@@ -95,6 +95,11 @@ def tiny(
     preset: str = typer.Option("tiny", help="tiny (seconds, for tests and the demo) or 7b-shape (real 7B widths, few layers)."),
     seed: int = typer.Option(0, help="Random seed of the weights."),
     layers: Optional[int] = typer.Option(None, help="Thinker layer count (default: 2 for tiny, 4 for 7b-shape)."),
+    hidden: Optional[int] = typer.Option(None, help="With --preset tiny: the thinker's hidden size (a multiple of 16; "
+                                                    "default 64)."),
+    outliers: bool = typer.Option(False, "--outliers", help="Plant outlier hidden channels and massive activations "
+                                  "in the thinker, as real LLMs have them (what AWQ and SmoothQuant are for; "
+                                  "omni_export/testkit/outliers.py)."),
     awq: bool = typer.Option(False, "--awq", help="Write an AutoAWQ GEMM int4 checkpoint (the Qwen2.5-Omni-7B-AWQ "
                                                   "layout: thinker decoder linears as qweight/qzeros/scales)."),
     w8a8_modelslim: bool = typer.Option(False, "--w8a8-modelslim", help="Write msModelSlim's AscendV1 W8A8_DYNAMIC "
@@ -122,6 +127,9 @@ def tiny(
         fail(OmniError("--awq and --w8a8-modelslim are two checkpoint layouts", fix="pass one of them"))
     if modelslim_static and not w8a8_modelslim:
         fail(OmniError("--modelslim-static is a part of the --w8a8-modelslim layout", fix="add --w8a8-modelslim"))
+    if (hidden is not None or outliers) and (w8a8_modelslim or preset != "tiny"):
+        fail(OmniError("--hidden and --outliers shape the tiny float checkpoint",
+                       fix="use them with --preset tiny, without --w8a8-modelslim"))
     with interruptible("tiny"):
         try:
             if w8a8_modelslim:
@@ -130,7 +138,10 @@ def tiny(
                 path = write_modelslim_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True,
                                                   static=tuple(modelslim_static or ()))
             else:
-                path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True, awq=awq)
+                from omni_export.testkit.outliers import OutlierSpec
+
+                path = write_tiny_checkpoint(out_dir, preset=preset, seed=seed, layers=layers, progress=True, awq=awq,
+                                             hidden=hidden, outliers=OutlierSpec() if outliers else None)
         except FileExistsError:
             fail(OmniError("already exists and is not empty", path=out_dir,
                            fix="choose a new directory or remove it first"))

@@ -4,9 +4,9 @@
 The quantized layers are the build's own (``ThinkerModule._layers``: RTN, AWQ with its
 calibration, W8A8 with smoothing), run as transformers ``Qwen2_5OmniDecoderLayer`` modules whose
 int4 weights are dequantized and whose W8A8 linears compute as the graph does
-(``quant.w8a8.w8a8_matmul``); the reference is the float checkpoint. The input is verify's: the
-same seeded draw of ``DECODER_TOKENS`` random embeddings scaled by the embedding table's std
-(``omni_export.verify.checks.thinker.verify``). So the figure equals ``verify --json``'s
+(``quant.w8a8.w8a8_matmul``); the reference is the float checkpoint. The input is verify's own
+(``omni_export.verify.checks.thinker.decoder_sample``: the token embeddings of its seeded
+random ids). So the figure equals ``verify --json``'s
 ``graphs.thinker_decoder.rel_rms`` up to the float rounding of ONNX Runtime against PyTorch, in
 seconds instead of a build and a verify (benchmarks/awq_study.py, tests/test_awq_sweep.py).
 """
@@ -15,19 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["decoder_error", "verify_decoder_input"]
-
-
-def verify_decoder_input(ckpt, tokens: int | None = None) -> np.ndarray:
-    """The random embeddings ``verify`` prefills the thinker decoder with, [1, tokens, hidden]."""
-    from omni_export.verify.checks.thinker import DECODER_TOKENS
-    from omni_export.verify.context import EMBEDDING_SAMPLES, SEED, embedding_scale
-
-    cfg = ckpt.text_config()
-    rng = np.random.default_rng(SEED)
-    rng.choice(cfg.vocab_size, EMBEDDING_SAMPLES - 2, replace=False)  # verify's embedding sample ids come first
-    shape = (1, tokens or DECODER_TOKENS, cfg.hidden_size)
-    return (rng.standard_normal(shape) * embedding_scale(ckpt)).astype(np.float32)
+__all__ = ["decoder_error"]
 
 
 class _Int4Linear:
@@ -112,11 +100,10 @@ def _as_module(fn):
     return _Call()
 
 
-def decoder_error(ckpt, recipe, tokens: int | None = None, inputs: np.ndarray | None = None,
-                  int8_compute: bool | None = None) -> dict:
+def decoder_error(ckpt, recipe, inputs: np.ndarray | None = None, int8_compute: bool | None = None) -> dict:
     """``{"rel_rms", "max_abs"}`` of the thinker decoder that ``recipe`` (a ``Recipe``) builds
     from checkpoint ``ckpt`` (a ``Checkpoint`` or its directory), against the float checkpoint,
-    on verify's random prefill (module docstring), or on ``inputs`` [batch, seq, hidden].
+    on verify's prefill (module docstring), or on ``inputs`` [batch, seq, hidden].
     ``int8_compute`` (default: the recipe's ``accuracy_level`` is 4) quantizes the int4 linears'
     inputs as the CPU runtime does."""
     import torch
@@ -135,7 +122,12 @@ def decoder_error(ckpt, recipe, tokens: int | None = None, inputs: np.ndarray | 
     if int8_compute is None:
         int8_compute = settings.accuracy_level == 4  # the runtime's CPU session setting
     reference = ThinkerModule.reference(ckpt)
-    x = torch.from_numpy(verify_decoder_input(ckpt, tokens) if inputs is None else np.asarray(inputs, np.float32))
+    if inputs is None:
+        from omni_export.verify.checks.thinker import decoder_sample
+        from omni_export.verify.context import SEED
+
+        inputs = decoder_sample(ckpt, SEED, table=reference.weights().embedding())
+    x = torch.from_numpy(np.asarray(inputs, np.float32))
     kwargs = layer_kwargs_for(cfg, x.shape[1])
     ours, ref = x, x
     with torch.no_grad():
