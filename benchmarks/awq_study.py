@@ -5,7 +5,8 @@ outlier hidden channels in embedding columns and RMSNorm weights, massive up_pro
 at a given width and seed. The error is verify's ``thinker_decoder`` ``rel_rms``
 (``omni_export.testkit.decoder_error``, equal to ``verify --json``: tests/test_awq_sweep.py) on
 three inputs (``_inputs``): verify's own, 256 other token embeddings, and the isotropic noise
-verify used before, which has none of the embedding table's outlier columns. AWQ variants (``--variants``)
+verify used before, which has none of the embedding table's outlier columns (``--noise``: also
+noise with those columns put back). docs/awq.md has the results. AWQ variants (``--variants``)
 patch ``AwqConfig`` fields or the calibration size. The alpha sweep builds W8A8 (per token) with
 ``smooth_alpha`` in ALPHAS on the same models.
 
@@ -73,17 +74,30 @@ def _patched_awq(overrides: dict):
     return base, Patched
 
 
-def _inputs(ckpt):
+def _inputs(ckpt, noise: bool = False, spec=None, seed: int = 0):
     """The decoder inputs each error is measured on: verify's (``decoder_sample``: the token
     embeddings of its 128 seeded random ids), 256 other token embeddings (4 x 64), and verify's
-    input up to dcbed96 (16 tokens of isotropic noise at the table's std, no outlier columns)."""
+    input up to dcbed96 (16 tokens of isotropic noise at the table's std, no outlier columns).
+    ``noise``: also 128 tokens of noise at the std of the table's ordinary columns, without and
+    with the planted outlier columns (``spec``, ``seed``) scaled by their embedding gain."""
     from omni_export.modules.thinker import ThinkerModule
-    from omni_export.verify.context import SEED
+    from omni_export.testkit.outliers import outlier_channels
+    from omni_export.verify.context import EMBEDDING_SAMPLES, SEED
 
     table = ThinkerModule.reference(ckpt).weights().embedding()
     ids = np.random.default_rng(7).choice(table.shape[0], 256, replace=False)
-    noise = np.random.default_rng(SEED).standard_normal((1, 16, table.shape[1])) * table.std()
-    return {"verify": None, "tokens256": table[ids].reshape(4, 64, -1), "noise16": noise.astype(np.float32)}
+    rng = np.random.default_rng(SEED)  # verify's former draw: its embedding sample ids, then the noise
+    rng.choice(table.shape[0], EMBEDDING_SAMPLES - 2, replace=False)
+    noise16 = rng.standard_normal((1, 16, table.shape[1])) * table.std()
+    inputs = {"verify": None, "tokens256": table[ids].reshape(4, 64, -1), "noise16": noise16.astype(np.float32)}
+    if noise:
+        channels = outlier_channels(table.shape[1], seed, spec)
+        ordinary = np.setdiff1d(np.arange(table.shape[1]), channels)
+        plain = np.random.default_rng(SEED).standard_normal((1, 128, table.shape[1])) * table[:, ordinary].std()
+        columns = plain.copy()
+        columns[..., channels] *= spec.embed_gain
+        inputs.update(noise128=plain.astype(np.float32), noise128_columns=columns.astype(np.float32))
+    return inputs
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -104,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--outliers", default="default", help=f"comma-separated, of {', '.join(OUTLIERS)}")
     p.add_argument("--alpha", action="store_true", help="also the W8A8 smoothing alpha sweep")
+    p.add_argument("--noise", action="store_true", help="also 128 tokens of noise without / with the outlier columns")
     p.add_argument("--work", default="/tmp/awq/study")
     p.add_argument("--out", default=str(OUT))
     a = p.parse_args(argv)
@@ -122,7 +137,7 @@ def main(argv=None) -> int:
         if not path.exists():
             write_tiny_checkpoint(path, seed=seed, hidden=width, outliers=spec)
         ckpt = Checkpoint.open(path)
-        inputs = _inputs(ckpt)
+        inputs = _inputs(ckpt, a.noise, spec, seed)
         for group in map(int, a.groups.split(",")):
             rtn = {k: decoder_error(ckpt, _recipe("int4-rtn", group), inputs=x)["rel_rms"] for k, x in inputs.items()}
             for variant in a.variants.split(","):

@@ -185,6 +185,9 @@ CASES = [
     Case("tiny-negative-seed", lambda c: ("omni-export", ["tiny", c.tmp / "m", "--seed", "-1"], ["--seed", "-1"])),
     Case("tiny-layers-not-int", lambda c: ("omni-export", ["tiny", c.tmp / "m", "--layers", "abc"], ["--layers"])),
     Case("tiny-missing-out", lambda c: ("omni-export", ["tiny"], ["out_dir", "omni-export tiny --help"])),
+    Case("tiny-bad-hidden", lambda c: ("omni-export", ["tiny", c.tmp / "m", "--hidden", "100"], ["multiple of 16"])),
+    Case("tiny-outliers-7b-shape", lambda c: ("omni-export", ["tiny", c.tmp / "m", "--preset", "7b-shape", "--outliers"],
+                                              ["--outliers", "--preset tiny"])),
     # ------------------------------------------------------------------ build
     Case("build-model-missing", lambda c: ("omni-export", ["build", "--model", c.tmp / "none", "--out", c.tmp / "b"],
                                            ["none", "model directory does not exist", "omni-export tiny"])),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerTextModel
 
-from omni_export.testkit.outliers import OutlierSpec, plant_outliers
+from omni_export.testkit.outliers import OutlierSpec, outlier_channels, plant_outliers
 from omni_export.testkit.tiny_model import build_config
 
 
@@ -31,6 +31,7 @@ def test_outliers_planted_and_seeded(hidden):
     planted = plant_outliers(a, seed=3, spec=spec)
     assert plant_outliers(b, seed=3, spec=spec) == planted
     assert len(planted["channels"]) == spec.channels
+    assert outlier_channels(hidden, seed=3, spec=spec) == planted["channels"]
     ch = planted["channels"]
     for i, layer in enumerate(a.layers):
         w = layer.input_layernorm.weight

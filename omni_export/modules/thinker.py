@@ -33,7 +33,8 @@ when the config says so); an AutoAWQ linear is ``<linear>.qweight/qzeros/scales`
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,6 +58,17 @@ LM_HEAD = "lm_head.weight"
 HEAD_PREFIXES = ("thinker.",)
 
 
+@dataclass
+class CalibrationLog:
+    """What a calibrated thinker build reports while its layers are made: per-layer statistics
+    (AWQ's search, or smoothing's scales), an index calibration's sample counts
+    (``calibration_media.MediaCalibration.counts``) and where the counts line is said."""
+
+    layers: list[dict] = field(default_factory=list)
+    counts: dict | None = None
+    say: Callable[[str], None] = lambda message: None
+
+
 class ThinkerModule(Module):
     name = "thinker"
     description = "the thinker's text decoder, with its token embeddings and lm_head"
@@ -70,9 +82,6 @@ class ThinkerModule(Module):
     fp32_parts = ("norm",)
     prefixes = ("thinker.model.language_model.", "thinker.model.")  # transformers 5.x, 4.5x
     linears = tuple(LINEARS.values())
-    #: an index calibration's sample counts (``calibration_media.MediaCalibration.counts``), once it ran
-    calibration_counts: dict | None = None
-    _say = staticmethod(lambda message: None)
 
     # -- checks and estimates ---------------------------------------------------------------
     @property
@@ -205,8 +214,9 @@ class ThinkerModule(Module):
         """``per_token`` / ``per_tensor``: the W8A8 activation scales of the recipe (``activations``)."""
         return self.settings.activations.removeprefix("int8_")
 
-    def _layers(self, weights: ThinkerWeights, awq_stats: list) -> Iterator[DecoderLayer]:
-        """The decoder layers as the recipe builds them (AWQ appends its per-layer statistics)."""
+    def _layers(self, weights: ThinkerWeights, log: CalibrationLog) -> Iterator[DecoderLayer]:
+        """The decoder layers as the recipe builds them; a calibrated build (AWQ, smoothing,
+        static activations) reports into ``log``."""
         s = self.settings
         if self.imports_autoawq:
             for i in range(weights.num_layers):
@@ -215,16 +225,16 @@ class ThinkerModule(Module):
             for i in range(weights.num_layers):
                 yield self._modelslim_layer(weights, i)
         elif s.w8a8 and (s.smooth_alpha is not None or s.static_activations):
-            yield from self._smoothed_layers(weights, awq_stats)
+            yield from self._smoothed_layers(weights, log)
         elif s.method == "none":  # float weights (an AutoAWQ checkpoint's dequantized)
             yield from self.float_layers()
         elif s.method == "rtn":
             for i in range(weights.num_layers):
                 yield self._quantize_layer(i, weights.float_layer(i))
         else:
-            yield from self._awq_layers(weights, awq_stats)
+            yield from self._awq_layers(weights, log)
 
-    def _awq_layers(self, weights: ThinkerWeights, stats: list) -> Iterator[DecoderLayer]:
+    def _awq_layers(self, weights: ThinkerWeights, log: CalibrationLog) -> Iterator[DecoderLayer]:
         """AWQ over the thinker, one decoder layer at a time.
 
         The calibration token ids (``omni_export.build.calibration``) are embedded with the
@@ -240,7 +250,7 @@ class ThinkerModule(Module):
         from omni_export.export.thinker_weights import torch_decoder_layer
         from omni_export.quant.awq import AwqConfig, AwqStats, awq_layer
 
-        text_config, hidden, kwargs = self._calibration_states(weights)
+        text_config, hidden, kwargs = self._calibration_states(weights, log)
         config = AwqConfig(group_size=self.settings.group_size, symmetric=self.settings.symmetric)
         for i in range(weights.num_layers):
             started = time.perf_counter()
@@ -255,12 +265,12 @@ class ThinkerModule(Module):
                 layer.post_attention_layernorm.weight.detach().numpy().copy(),
                 **{field: _torch_linear(layer, path) for field, path in LINEARS.items()})
             del layer
-            stats.append({"layer": i, "seconds": round(time.perf_counter() - started, 2),
-                          "search_seconds": {k: round(v, 2) for k, v in layer_stats.seconds.items()},
-                          "ratios": layer_stats.ratios})
+            log.layers.append({"layer": i, "seconds": round(time.perf_counter() - started, 2),
+                               "search_seconds": {k: round(v, 2) for k, v in layer_stats.seconds.items()},
+                               "ratios": layer_stats.ratios})
             yield self._quantize_layer(i, scaled, clips)
 
-    def _calibration_states(self, weights: ThinkerWeights):
+    def _calibration_states(self, weights: ThinkerWeights, log: CalibrationLog):
         """What AWQ and SmoothQuant run the float layers on: the text config, the calibration
         tokens' embeddings ``[samples, seq, hidden]`` (torch) and the decoder layers' keyword
         arguments (positions, mask) for that sequence length.
@@ -268,7 +278,7 @@ class ThinkerModule(Module):
         An msModelSlim index (``calibration.index``) gives multimodal blocks instead: token
         embeddings with transformers' audio / vision tower rows merged at the placeholders and
         their TMRoPE positions per block (``omni_export.build.calibration_media``); the sample
-        counts go to the build output and the build info (``calibration``)."""
+        counts go to ``log`` (the build output and the build info's ``calibration``)."""
         import torch
 
         from omni_export.build.calibration import calibration_ids
@@ -279,8 +289,8 @@ class ThinkerModule(Module):
             from omni_export.build.calibration_media import counts_line, media_calibration
 
             batch = media_calibration(self.calibration, self.ckpt, weights.embedding())
-            self.calibration_counts = batch.counts
-            self._say(counts_line(batch.counts))
+            log.counts = batch.counts
+            log.say(counts_line(batch.counts))
             kwargs = layer_kwargs_for(text_config, batch.hidden.shape[1],
                                       position_ids=torch.from_numpy(batch.positions))
             return text_config, torch.from_numpy(batch.hidden), kwargs
@@ -290,7 +300,7 @@ class ThinkerModule(Module):
         del table
         return text_config, hidden, layer_kwargs_for(text_config, ids.shape[1])
 
-    def _smoothed_layers(self, weights: ThinkerWeights, stats: list) -> Iterator[DecoderLayer]:
+    def _smoothed_layers(self, weights: ThinkerWeights, log: CalibrationLog) -> Iterator[DecoderLayer]:
         """W8A8 calibrated one decoder layer at a time: the calibration tokens are embedded and run
         through the float layers (transformers' ``Qwen2_5OmniDecoderLayer``), recording each
         linear's input range per channel. With ``smooth_alpha``, the per-channel absmax of the
@@ -305,7 +315,7 @@ class ThinkerModule(Module):
         from omni_export.export.thinker_weights import torch_decoder_layer
         from omni_export.quant.w8a8 import fold_smoothing, smooth_scales, static_activation_params
 
-        text_config, hidden, kwargs = self._calibration_states(weights)
+        text_config, hidden, kwargs = self._calibration_states(weights, log)
         alpha = self.settings.smooth_alpha
         groups = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
                   ("post_attention_layernorm", ("gate_proj", "up_proj")))
@@ -365,7 +375,7 @@ class ThinkerModule(Module):
                 layer_stats["static"] = {path: {"input_scale": float(sc[0]), "input_offset": float(off[0])}
                                          for path, (sc, off) in params.items()}
             layer_stats["seconds"] = round(time.perf_counter() - started, 2)
-            stats.append(layer_stats)
+            log.layers.append(layer_stats)
             yield self._quantize_layer(i, layer, static=params)
 
     def _modelslim_layer(self, weights: ThinkerWeights, i: int) -> DecoderLayer:
@@ -440,7 +450,6 @@ class ThinkerModule(Module):
         from omni_export.export.onnx_graph import Linear
 
         s = self.settings
-        self._say = ctx.say  # the calibration counts line
         weights = self.weights()
         dims = self.dims()
         total = dims.num_hidden_layers + 2
@@ -450,7 +459,8 @@ class ThinkerModule(Module):
         embed_bytes = int(table.nbytes)
         del table
         ctx.progress("thinker decoder layer 1", 1, total)
-        layer_bytes, layer_seconds, awq_stats = [], [], []
+        layer_bytes, layer_seconds = [], []
+        log = CalibrationLog(say=ctx.say)
         marks = {"offset": 0, "time": time.perf_counter()}
 
         def on_layer(i: int, offset: int) -> None:
@@ -471,7 +481,7 @@ class ThinkerModule(Module):
             from omni_export.export.w8a8_linear import W8A8GraphBuilder
 
             builder = {"builder": W8A8GraphBuilder}
-        decoder = thinker_decoder.build_graph(dims, self._layers(weights, awq_stats), weights.final_norm(), lm_head,
+        decoder = thinker_decoder.build_graph(dims, self._layers(weights, log), weights.final_norm(), lm_head,
                                               ctx.out_dir, emit=s.emit, accuracy_level=s.accuracy_level,
                                               on_layer=on_layer, dtype=s.dtype, keep_fp32=s.keep_fp32, **builder)
         ctx.progress("thinker done", total, total)
@@ -490,10 +500,10 @@ class ThinkerModule(Module):
                 # per decoder layer, embedding table, lm_head and the rest (to project to the real layer count)
                 "weight_bytes": {"per_layer": layer_bytes, "embeddings": embed_bytes,
                                  "lm_head_and_norm": max(0, decoder_bytes - sum(layer_bytes))}}
-        if awq_stats:
-            info["smoothing" if s.w8a8 else "awq"] = awq_stats
-        if self.calibration_counts is not None:
-            info["calibration"] = self.calibration_counts
+        if log.layers:
+            info["smoothing" if s.w8a8 else "awq"] = log.layers
+        if log.counts is not None:
+            info["calibration"] = log.counts
         return ModuleBuild({thinker_embedding.GRAPH_NAME: (embedding, embed_quant),
                             thinker_decoder.GRAPH_NAME: (decoder, quant)}, info)
 

@@ -110,7 +110,7 @@ def decoder_error(ckpt, recipe, inputs: np.ndarray | None = None, int8_compute: 
 
     from omni_export.checkpoint.reader import Checkpoint
     from omni_export.export.thinker_weights import torch_decoder_layer
-    from omni_export.modules.thinker import ThinkerModule
+    from omni_export.modules.thinker import CalibrationLog, ThinkerModule
     from omni_export.quant.awq import layer_kwargs_for
     from omni_export.verify.metrics import errors
 
@@ -131,7 +131,7 @@ def decoder_error(ckpt, recipe, inputs: np.ndarray | None = None, int8_compute: 
     kwargs = layer_kwargs_for(cfg, x.shape[1])
     ours, ref = x, x
     with torch.no_grad():
-        quantized = module._layers(module.weights(), [])
+        quantized = module._layers(module.weights(), CalibrationLog())
         for i, (q, f) in enumerate(zip(quantized, reference.float_layers())):
             ours = _out(_torch_layer(cfg, i, q, int8_compute)(ours, **kwargs))
             ref = _out(torch_decoder_layer(cfg, i, f)(ref, **kwargs))

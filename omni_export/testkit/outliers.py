@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["OutlierSpec", "plant_outliers"]
+__all__ = ["OutlierSpec", "outlier_channels", "plant_outliers"]
 
 #: offset of the planting generator's seed from the model's (+1: speakers, +2: special rows)
 SEED_OFFSET = 3
@@ -40,6 +40,14 @@ class OutlierSpec:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def outlier_channels(hidden: int, seed: int, spec: OutlierSpec = OutlierSpec()) -> list[int]:
+    """The hidden channels :func:`plant_outliers` picks for a model of width ``hidden`` and ``seed``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + SEED_OFFSET)
+    return sorted(torch.randperm(hidden, generator=gen)[: spec.channels].tolist())
 
 
 def plant_outliers(text_model, seed: int, spec: OutlierSpec = OutlierSpec()) -> dict:
