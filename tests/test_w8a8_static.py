@@ -187,7 +187,17 @@ def test_recipe_static_attention_builds_and_records(static_bundle, tiny_checkpoi
     with torch.no_grad():
         reference_thinker.model.language_model(input_ids=ids)
     handle.remove()
-    scale, offset = w8a8.static_activation_params(seen[0].min().item(), seen[0].max().item())
+    # ... divided per channel by o_proj's smoothing scales (moved into v_proj's rows; alpha 0.5)
+    from omni_export.export.decoder_graph import TextDims
+
+    dims = TextDims.from_config(reference_thinker.config.text_config)
+    rep = dims.num_attention_heads // dims.num_key_value_heads
+    expand = ((np.arange(dims.num_attention_heads) // rep)[:, None] * dims.head_dim
+              + np.arange(dims.head_dim)[None, :]).reshape(-1)
+    x = seen[0].reshape(-1, seen[0].shape[-1]).numpy()
+    s = w8a8.smooth_scales(np.abs(x).max(axis=0), [layer0.weight.detach().numpy()], 0.5, expand)
+    x = x / s[expand]
+    scale, offset = w8a8.static_activation_params(x.min(), x.max())
     assert info["input_offset"] == offset[0]
     assert info["input_scale"] == pytest.approx(float(scale[0]), rel=1e-5)
 

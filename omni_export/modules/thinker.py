@@ -32,9 +32,9 @@ when the config says so); an AutoAWQ linear is ``<linear>.qweight/qzeros/scales`
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,13 +58,13 @@ LM_HEAD = "lm_head.weight"
 HEAD_PREFIXES = ("thinker.",)
 
 
-@dataclass
+@dataclasses.dataclass
 class CalibrationLog:
     """What a calibrated thinker build reports while its layers are made: per-layer statistics
     (AWQ's search, or smoothing's scales), an index calibration's sample counts
     (``calibration_media.MediaCalibration.counts``) and where the counts line is said."""
 
-    layers: list[dict] = field(default_factory=list)
+    layers: list[dict] = dataclasses.field(default_factory=list)
     counts: dict | None = None
     say: Callable[[str], None] = lambda message: None
 
@@ -119,8 +119,6 @@ class ThinkerModule(Module):
                                  f"{self.settings.activations}", path=desc.path, fix="set activations: int8_per_token")
 
     def dims(self) -> TextDims:
-        import dataclasses
-
         from omni_export.export.decoder_graph import TextDims
 
         # a float16 decoder's KV cache is float16 (decoder_graph.build_decoder_graph)
@@ -305,15 +303,18 @@ class ThinkerModule(Module):
         through the float layers (transformers' ``Qwen2_5OmniDecoderLayer``), recording each
         linear's input range per channel. With ``smooth_alpha``, the per-channel absmax of the
         activation entering q/k/v and gate/up gives the smoothing scales
-        (``quant.w8a8.smooth_scales``), folded into the two RMSNorms and those linears; the
-        smoothed float layer computes the same function, so the float output is the next layer's
-        input. The ``static_activations`` linears take their per-tensor scale and offset from the
+        (``quant.w8a8.smooth_scales``), folded into the two RMSNorms and those linears; that of
+        the activation entering o_proj and down_proj (where they are quantized), folded into
+        v_proj's and up_proj's output rows (``fold_linear_smoothing``; o_proj's query-head
+        columns share their KV head's v channel). The smoothed float layer computes the same
+        function, so the float output is the next layer's input. The ``static_activations`` linears take their per-tensor scale and offset from the
         range of the input they will see (after smoothing: channel ``k``'s range divided by
         ``s[k] > 0``). Then the linears are quantized (``_quantize_layer``)."""
         import torch
 
         from omni_export.export.thinker_weights import torch_decoder_layer
-        from omni_export.quant.w8a8 import fold_smoothing, smooth_scales, static_activation_params
+        from omni_export.quant.w8a8 import (fold_linear_smoothing, fold_smoothing, smooth_scales,
+                                            static_activation_params)
 
         text_config, hidden, kwargs = self._calibration_states(weights, log)
         alpha = self.settings.smooth_alpha
@@ -323,8 +324,17 @@ class ThinkerModule(Module):
         readers = {field: norm for norm, fields in groups for field in fields}
         static = [f for f, path in LINEARS.items()
                   if any(self.settings.static_linear(f"{self.layer_prefix}.{j}.{path}") for j in range(weights.num_layers))]
+        #: (previous linear, reading linear): smoothing moved into the previous linear's output rows
+        chains = (("v_proj", "o_proj"), ("up_proj", "down_proj"))
+        dims = self.dims()
+        rep = dims.num_attention_heads // dims.num_key_value_heads
+        # o_proj input column (head j, d) reads v_proj output channel (j // rep, d)
+        o_expand = ((np.arange(dims.num_attention_heads) // rep)[:, None] * dims.head_dim
+                    + np.arange(dims.head_dim)[None, :]).reshape(-1)
         watched = {norm: LINEARS[fields[0]] for norm, fields in groups}
         watched.update({f: LINEARS[f] for f in static if f not in readers})
+        if alpha is not None:
+            watched.update({f: LINEARS[f] for _, f in chains})
         for i in range(weights.num_layers):
             started = time.perf_counter()
             layer = weights.float_layer(i)
@@ -362,6 +372,19 @@ class ThinkerModule(Module):
                         lin.weight = w
                     smoothing[norm] = sc
                     layer_stats[norm] = {"scale_min": round(float(sc.min()), 5), "scale_max": round(float(sc.max()), 5)}
+                for prev_field, field in chains:
+                    if self.settings.keeps_float(f"{self.layer_prefix}.{i}.{LINEARS[field]}"):
+                        continue  # a float linear gains nothing from smoothing
+                    prev, linear = getattr(layer, prev_field), getattr(layer, field)
+                    expand = o_expand if field == "o_proj" else None
+                    lo, hi = ranges[field]
+                    absmax = torch.maximum(lo.abs(), hi.abs()).numpy()
+                    sc = smooth_scales(absmax, [linear.weight], float(alpha), expand)
+                    prev_w, prev_b, w = fold_linear_smoothing(prev.weight, prev.bias, linear.weight, sc, expand)
+                    setattr(layer, prev_field, dataclasses.replace(prev, weight=prev_w, bias=prev_b))
+                    setattr(layer, field, dataclasses.replace(linear, weight=w))
+                    smoothing[field] = sc if expand is None else sc[expand]  # per input column of ``field``
+                    layer_stats[field] = {"scale_min": round(float(sc.min()), 5), "scale_max": round(float(sc.max()), 5)}
             params = {}
             for field in static:
                 if not self.settings.static_linear(f"{self.layer_prefix}.{i}.{LINEARS[field]}"):

@@ -30,7 +30,7 @@ import numpy as np
 from omni_export.quant.rtn import quantize_channels
 from omni_export.quant.types import W8A8_ACTIVATIONS, W8A8StaticWeight, W8A8Weight
 
-__all__ = ["ACT_EPS", "QMAX", "fold_smoothing", "quantize_activations", "quantize_weight", "quantize_weight_static",
+__all__ = ["ACT_EPS", "QMAX", "fold_linear_smoothing", "fold_smoothing", "quantize_activations", "quantize_weight", "quantize_weight_static",
            "smooth_scales", "static_activation_params", "w8a8_matmul", "w8a8_static_matmul"]
 
 #: int8 levels are symmetric: [-127, 127]
@@ -78,18 +78,32 @@ def w8a8_matmul(x: np.ndarray, weight: W8A8Weight, bias: np.ndarray | None = Non
     return y.astype(np.float32)
 
 
-def smooth_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+def smooth_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: float,
+                  expand: np.ndarray | None = None) -> np.ndarray:
     """SmoothQuant's per-input-channel scales ``s`` [K] for the linears ``weights`` ([N_i, K]) that
     read one activation whose per-channel absmax over the calibration tokens is ``act_absmax``:
     ``s = act_absmax**alpha / w_absmax**(1 - alpha)`` (``w_absmax`` over all rows of all
     ``weights``), at least SMOOTH_EPS; 1 for a channel the calibration never activated or whose
-    weights are all zero."""
+    weights are all zero.
+
+    ``expand`` [K]: input column -> the channel that carries its scale (several columns share
+    one, e.g. o_proj's query-head columns of one KV head's v_proj channel); both absmaxes are
+    then taken over each channel's columns and ``s`` has one entry per channel."""
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha!r}")
     act = np.asarray(act_absmax, dtype=np.float64)
     w = np.concatenate([np.abs(np.asarray(m, dtype=np.float64)) for m in weights]).max(axis=0)
     if act.shape != w.shape:
         raise ValueError(f"activation statistics [{act.shape}] and weights [{w.shape}] differ in input channels")
+    if expand is not None:
+        expand = np.asarray(expand)
+        if expand.shape != act.shape:
+            raise ValueError(f"expand [{expand.shape}] does not map the {act.shape[0]} input columns")
+        n = int(expand.max()) + 1
+        act_c, w_c = np.zeros(n), np.zeros(n)
+        np.maximum.at(act_c, expand, act)
+        np.maximum.at(w_c, expand, w)
+        act, w = act_c, w_c
     with np.errstate(divide="ignore", invalid="ignore"):
         s = act ** float(alpha) / w ** (1.0 - float(alpha))
     s = np.where((act > 0) & (w > 0) & np.isfinite(s), np.maximum(s, SMOOTH_EPS), 1.0)
@@ -103,6 +117,20 @@ def fold_smoothing(norm_weight: np.ndarray, weights: list[np.ndarray], s: np.nda
     s = np.asarray(s, dtype=np.float32)
     return ((np.asarray(norm_weight, np.float32) / s).astype(np.float32),
             [(np.asarray(w, np.float32) * s[None, :]).astype(np.float32) for w in weights])
+
+
+def fold_linear_smoothing(prev_weight: np.ndarray, prev_bias: np.ndarray | None, weight: np.ndarray,
+                          s: np.ndarray, expand: np.ndarray | None = None):
+    """(prev weight, prev bias, weight) with smoothing ``s`` moved from ``weight``'s input into
+    the previous linear's output: its rows (and bias) divided by ``s``, ``weight``'s input
+    columns multiplied by ``s[expand]`` (``s`` itself without ``expand``). The same function
+    where everything between the two is linear in each channel: attention's ``softmax(QK^T) V``
+    (v_proj -> o_proj) and SwiGLU's ``act(gate) * up`` (up_proj -> down_proj)."""
+    s = np.asarray(s, dtype=np.float32)
+    cols = s if expand is None else s[np.asarray(expand)]
+    prev = (np.asarray(prev_weight, np.float32) / s[:, None]).astype(np.float32)
+    bias = None if prev_bias is None else (np.asarray(prev_bias, np.float32) / s).astype(np.float32)
+    return prev, bias, (np.asarray(weight, np.float32) * cols[None, :]).astype(np.float32)
 
 
 def static_activation_params(x_min: float, x_max: float) -> tuple[np.ndarray, np.ndarray]:
