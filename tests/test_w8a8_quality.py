@@ -138,10 +138,10 @@ def linear_smoothed(layer, calib, kwargs, alpha: float = 0.5):
     rows, as ``ThinkerModule._smoothed_layers`` does (o_proj's query-head columns share their KV
     head's v channel)."""
     s_layer = copy.deepcopy(layer)
+    from omni_export.quant.gqa import value_channel_of_column
+
     cfg = layer.self_attn.config
-    rep = cfg.num_attention_heads // cfg.num_key_value_heads
-    expand = ((np.arange(cfg.num_attention_heads) // rep)[:, None] * cfg.head_dim
-              + np.arange(cfg.head_dim)[None, :]).reshape(-1)
+    expand = value_channel_of_column(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
     absmax = {}
     hooks = [submodule(s_layer, path).register_forward_pre_hook(
         lambda m, args, key=path: absmax.__setitem__(key, args[0].abs().reshape(-1, args[0].shape[-1]).amax(0)))

@@ -189,11 +189,10 @@ def test_recipe_static_attention_builds_and_records(static_bundle, tiny_checkpoi
     handle.remove()
     # ... divided per channel by o_proj's smoothing scales (moved into v_proj's rows; alpha 0.5)
     from omni_export.export.decoder_graph import TextDims
+    from omni_export.quant.gqa import value_channel_of_column
 
     dims = TextDims.from_config(reference_thinker.config.text_config)
-    rep = dims.num_attention_heads // dims.num_key_value_heads
-    expand = ((np.arange(dims.num_attention_heads) // rep)[:, None] * dims.head_dim
-              + np.arange(dims.head_dim)[None, :]).reshape(-1)
+    expand = value_channel_of_column(dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim)
     x = seen[0].reshape(-1, seen[0].shape[-1]).numpy()
     s = w8a8.smooth_scales(np.abs(x).max(axis=0), [layer0.weight.detach().numpy()], 0.5, expand)
     x = x / s[expand]

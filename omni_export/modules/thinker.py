@@ -313,6 +313,7 @@ class ThinkerModule(Module):
         import torch
 
         from omni_export.export.thinker_weights import torch_decoder_layer
+        from omni_export.quant.gqa import value_channel_of_column
         from omni_export.quant.w8a8 import (fold_linear_smoothing, fold_smoothing, smooth_scales,
                                             static_activation_params)
 
@@ -327,10 +328,7 @@ class ThinkerModule(Module):
         #: (previous linear, reading linear): smoothing moved into the previous linear's output rows
         chains = (("v_proj", "o_proj"), ("up_proj", "down_proj"))
         dims = self.dims()
-        rep = dims.num_attention_heads // dims.num_key_value_heads
-        # o_proj input column (head j, d) reads v_proj output channel (j // rep, d)
-        o_expand = ((np.arange(dims.num_attention_heads) // rep)[:, None] * dims.head_dim
-                    + np.arange(dims.head_dim)[None, :]).reshape(-1)
+        o_expand = value_channel_of_column(dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim)
         watched = {norm: LINEARS[fields[0]] for norm, fields in groups}
         watched.update({f: LINEARS[f] for f in static if f not in readers})
         if alpha is not None:

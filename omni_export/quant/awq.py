@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omni_export.quant.gqa import value_channel_of_column
 from omni_export.quant.rtn import check_group_size
 from omni_export.quant.types import SUPPORTED_BITS
 
@@ -470,9 +471,7 @@ def _groups(layer, cfg: AwqConfig) -> list[_Group]:
         _Group("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn_in", "self_attn"),
     ]
     if heads == kv_heads or cfg.gqa_v_to_o:
-        rep = heads // kv_heads
-        # o_proj input column (j, d) -> v_proj output channel (j // rep, d)
-        expand = ((torch.arange(heads) // rep)[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+        expand = torch.from_numpy(value_channel_of_column(heads, kv_heads, head_dim))
         groups.append(_Group("vo", "self_attn.v_proj", ("self_attn.o_proj",), "o_in", None, expand))
     groups += [
         _Group("mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp_in", "mlp"),
