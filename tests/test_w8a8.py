@@ -130,7 +130,8 @@ def test_builtin_recipe_follows_msmodelslim():
     t = load_recipe("w8a8").module("thinker")
     assert (t.weights, t.activations, t.method, t.symmetric, t.emit) == ("int8", "int8_per_token", "rtn", True,
                                                                          "matmulinteger_u8")
-    assert load_recipe("w8a8", target="cuda").module("thinker").emit == "matmulinteger"  # CUDA: int8 x int8
+    cuda = load_recipe("w8a8", target="cuda").module("thinker")
+    assert (cuda.emit, cuda.dtype) == ("matmulinteger", "float16")  # CUDA: int8 x int8, float16 float parts
     assert t.lm_head == "float32" and t.keep_float == ("*.mlp.down_proj",)
     assert t.keeps_float("layers.27.mlp.down_proj") and not t.keeps_float("layers.0.mlp.up_proj")
 

@@ -128,7 +128,7 @@ def test_weight_only_talkers_keep_their_recipe_block():
     ({"weights": "int4", "activations": "int8_per_token"}, "needs weights int8"),
     ({"weights": "int8", "activations": "int8_per_token", "emit": "qdq"}, "weight-only form"),
     ({"weights": "int8", "emit": "matmulinteger_u8"}, "is a W8A8 form"),
-    ({"weights": "int8", "activations": "int8_per_token", "dtype": "float16"}, "quantized from float32"),
+    ({"weights": "int8", "activations": "int8_per_token", "dtype": "float16"}, "W8A8 talker computes in float32"),
 ])
 def test_bad_w8a8_talker_settings(settings, needle):
     with pytest.raises(RecipeError, match=needle):

@@ -598,9 +598,9 @@ def _check_w8a8(name: str, values: dict, bad) -> None:
     if values["method"] != "rtn":
         raise bad(f"modules.{name}: W8A8 weights are round-to-nearest per output channel, got method "
                   f"{values['method']}", "set method: rtn (smoothing is smooth_alpha)")
-    if values["dtype"] != "float32":
-        raise bad(f"modules.{name}: W8A8 activations are quantized from float32, got dtype {values['dtype']}",
-                  "set dtype: float32")
+    if values["dtype"] != "float32" and name != "thinker":
+        raise bad(f"modules.{name}: a W8A8 {name} computes in float32, got dtype {values['dtype']}",
+                  "set dtype: float32 (the thinker's W8A8 also takes float16 float parts)")
     if values["emit"] not in W8A8_EMITS:
         raise bad(f"modules.{name}.emit: {values['emit']} is a weight-only form, not W8A8",
                   f"use emit: {' | '.join(W8A8_EMITS)}")
