@@ -81,7 +81,7 @@ def test_verify_reports_the_same_gain(tmp_path):
         bundle = tmp_path / name
         cli("build", "--model", str(model), "--recipe", name, "--out", str(bundle))
         report = json.loads(cli("verify", str(bundle), "--model", str(model), "--prompts", "2", "--tokens", "4",
-                                    "--json").stdout)
+                                "--json").stdout)
         figures[name] = report["graphs"]["thinker_decoder"]["rel_rms"]
         expected = decoder_error(model, load_recipe(name))["rel_rms"]
         assert figures[name] == pytest.approx(expected, rel=1e-4)

@@ -137,9 +137,9 @@ def linear_smoothed(layer, calib, kwargs, alpha: float = 0.5):
     """``layer`` with o_proj's and down_proj's input smoothed into v_proj's and up_proj's output
     rows, as ``ThinkerModule._smoothed_layers`` does (o_proj's query-head columns share their KV
     head's v channel)."""
-    s_layer = copy.deepcopy(layer)
     from omni_export.quant.gqa import value_channel_of_column
 
+    s_layer = copy.deepcopy(layer)
     cfg = layer.self_attn.config
     expand = value_channel_of_column(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
     absmax = {}

@@ -139,8 +139,8 @@ def rel_rms(a, b):
 
 
 # ------------------------------------------------------------------ the recipe option, built
-#: verify's decoder rel_rms vs float32 of w8a8 with static attention activations: measured 0.0112
-#: on the tiny model (dynamic per-token everywhere: 0.0059; test_w8a8.FLOAT_TOLERANCE)
+#: verify's decoder rel_rms vs float32 of w8a8 with static attention activations: measured 0.0143
+#: on the tiny model (dynamic per-token everywhere: 0.0061; test_w8a8.FLOAT_TOLERANCE)
 STATIC_TOLERANCE = 0.03
 
 

@@ -61,7 +61,8 @@ __all__ = ["W8A8GraphBuilder", "W8A8_EMITS"]
 class W8A8GraphBuilder(GraphBuilder):
     """A ``GraphBuilder`` whose ``linear`` / ``linears`` also take ``W8A8Weight`` linears. In a float16
     graph only the float parts are float16: each int8 GEMM quantizes its activation from float32 and
-    rescales its int32 sums in float32 (``_compute``)."""
+    rescales its int32 sums in float32 (a sum of 127 x 127 x K exceeds float16's range), then casts
+    the result once (``to_compute``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -130,19 +131,15 @@ class W8A8GraphBuilder(GraphBuilder):
             shifted = self._shared(("u8", id(levels)), lambda: self.op(
                 "Cast", self.op("Add", levels, self.const(128.0, np.float32)), to=ir.DataType.UINT8))
             if self.emit == "matmulintegertofloat":
-                return self._compute(self.op("MatMulIntegerToFloat", shifted, qweight, x_scale, w_scale,
-                                             self.const(128, np.uint8), domain=MS_DOMAIN))
+                return self.to_compute(self.op("MatMulIntegerToFloat", shifted, qweight, x_scale, w_scale,
+                                               self.const(128, np.uint8), domain=MS_DOMAIN))
             acc = self.op("MatMulInteger", shifted, qweight, self.const(128, np.uint8))
         else:
             int8 = self._shared(("s8", id(levels)), lambda: self.op("Cast", levels, to=ir.DataType.INT8))
             acc = self.op("MatMulInteger", int8, qweight)
-        return self._compute(self.op("Mul", self.op("Mul", self.op("Cast", acc, to=ir.DataType.FLOAT), w_scale),
-                                     x_scale))
+        return self.to_compute(self.op("Mul", self.op("Mul", self.op("Cast", acc, to=ir.DataType.FLOAT), w_scale),
+                                       x_scale))
 
-    def _compute(self, y: ir.Value) -> ir.Value:
-        """A float32 GEMM result as the graph's compute type: the int32 sums and their rescale stay
-        float32 (a sum can exceed float16's range), then a float16 graph casts once."""
-        return self.to_compute(y)
 
     def _static_linears(self, x: ir.Value, linears: list[Linear], names: list[str]) -> list[ir.Value]:
         """Static linears reading one input share one GEMM when they share its scale and offset."""
@@ -178,8 +175,8 @@ class W8A8GraphBuilder(GraphBuilder):
                 "Cast", self.op("Add", levels, self.const(128.0, np.float32)), to=ir.DataType.UINT8))
             acc = self.op("MatMulInteger", shifted, qweight, self.const(128, np.uint8))
         acc = self.op("Add", acc, self.weight(f"{name}.quant_bias", w.quant_bias))
-        return self._compute(self.op("Mul", self.op("Cast", acc, to=ir.DataType.FLOAT),
-                                     self.weight(f"{name}.deq_scale", w.deq_scale)))
+        return self.to_compute(self.op("Mul", self.op("Cast", acc, to=ir.DataType.FLOAT),
+                                       self.weight(f"{name}.deq_scale", w.deq_scale)))
 
     def _shared(self, key, make):
         if key not in self._quantized:

@@ -58,6 +58,11 @@ LM_HEAD = "lm_head.weight"
 HEAD_PREFIXES = ("thinker.",)
 
 
+def _scale_range(s: np.ndarray) -> dict:
+    """A smoothing scale vector's range, as the build info records it."""
+    return {"scale_min": round(float(s.min()), 5), "scale_max": round(float(s.max()), 5)}
+
+
 @dataclasses.dataclass
 class CalibrationLog:
     """What a calibrated thinker build reports while its layers are made: per-layer statistics
@@ -307,8 +312,8 @@ class ThinkerModule(Module):
         the activation entering o_proj and down_proj (where they are quantized), folded into
         v_proj's and up_proj's output rows (``fold_linear_smoothing``; o_proj's query-head
         columns share their KV head's v channel). The smoothed float layer computes the same
-        function, so the float output is the next layer's input. The ``static_activations`` linears take their per-tensor scale and offset from the
-        range of the input they will see (after smoothing: channel ``k``'s range divided by
+        function, so the float output is the next layer's input. The ``static_activations``
+        linears take their per-tensor scale and offset from the range of the input they will see (after smoothing: channel ``k``'s range divided by
         ``s[k] > 0``). Then the linears are quantized (``_quantize_layer``)."""
         import torch
 
@@ -369,7 +374,7 @@ class ThinkerModule(Module):
                     for lin, w in zip(linears, new_weights):
                         lin.weight = w
                     smoothing[norm] = sc
-                    layer_stats[norm] = {"scale_min": round(float(sc.min()), 5), "scale_max": round(float(sc.max()), 5)}
+                    layer_stats[norm] = _scale_range(sc)
                 for prev_field, field in chains:
                     if self.settings.keeps_float(f"{self.layer_prefix}.{i}.{LINEARS[field]}"):
                         continue  # a float linear gains nothing from smoothing
@@ -382,7 +387,7 @@ class ThinkerModule(Module):
                     setattr(layer, prev_field, dataclasses.replace(prev, weight=prev_w, bias=prev_b))
                     setattr(layer, field, dataclasses.replace(linear, weight=w))
                     smoothing[field] = sc if expand is None else sc[expand]  # per input column of ``field``
-                    layer_stats[field] = {"scale_min": round(float(sc.min()), 5), "scale_max": round(float(sc.max()), 5)}
+                    layer_stats[field] = _scale_range(sc)
             params = {}
             for field in static:
                 if not self.settings.static_linear(f"{self.layer_prefix}.{i}.{LINEARS[field]}"):

@@ -30,8 +30,8 @@ import numpy as np
 from omni_export.quant.rtn import quantize_channels
 from omni_export.quant.types import W8A8_ACTIVATIONS, W8A8StaticWeight, W8A8Weight
 
-__all__ = ["ACT_EPS", "QMAX", "fold_linear_smoothing", "fold_smoothing", "quantize_activations", "quantize_weight", "quantize_weight_static",
-           "smooth_scales", "static_activation_params", "w8a8_matmul", "w8a8_static_matmul"]
+__all__ = ["ACT_EPS", "QMAX", "fold_linear_smoothing", "fold_smoothing", "quantize_activations", "quantize_weight",
+           "quantize_weight_static", "smooth_scales", "static_activation_params", "w8a8_matmul", "w8a8_static_matmul"]
 
 #: int8 levels are symmetric: [-127, 127]
 QMAX = 127.0

@@ -14,7 +14,8 @@ checkpoint means), so an exact import shows ~0 error.
   reference layers + final norm + lm_head. Embedding rows, not isotropic noise: they are what
   the decoder reads (a text prompt's ``inputs_embeds``), with the table's structure, such as a
   real model's outlier hidden channels, which quantization error depends on; 128 of them so the
-  figure does not hang on a few draws. Reported: the post-norm hidden states of every position (``max_abs``, ``rel_rms``) and
+  figure does not hang on a few draws. Reported: the post-norm hidden states of every position
+  (``max_abs``, ``rel_rms``) and
   the logits of the last position (``logits_*``). ``rel_rms = rms(bundle - ref) / rms(ref)``.
 - the summary (the report's ``thinker``): end to end and teacher-forced on ``prompts`` of the
   built-in calibration conversations (``omni_export/build/calibration_data.jsonl``, evenly spaced
@@ -244,11 +245,11 @@ def verify(module, ctx: VerifyContext) -> ModuleReport:
 
     # The checkpoint's float embedding rows: the embedding check and the reference's inputs.
     ctx.say("reading the embedding table")
-    embedding_ids, _ = sample_ids(ctx.rng(), vocab, ctx.shape)
+    embedding_ids, decoder_ids = sample_ids(ctx.rng(), vocab, ctx.shape)
     table = module.weights().embedding()
     ref_rows = table[embedding_ids]
     ref_prompt_embeds = [table[np.asarray(p + c)][None] for p, c in samples]
-    decoder_embeds = decoder_sample(ckpt, ctx.seed, ctx.shape, table)
+    decoder_embeds = np.ascontiguousarray(table[decoder_ids][None], dtype=np.float32)  # as decoder_sample
     decoder_tokens = decoder_embeds.shape[1]
     del table
     decoder_positions = text_position_ids(np.ones((1, decoder_tokens), dtype=np.int64))
