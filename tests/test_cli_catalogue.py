@@ -186,6 +186,7 @@ CASES = [
     Case("tiny-layers-not-int", lambda c: ("omni-export", ["tiny", c.tmp / "m", "--layers", "abc"], ["--layers"])),
     Case("tiny-missing-out", lambda c: ("omni-export", ["tiny"], ["out_dir", "omni-export tiny --help"])),
     Case("tiny-bad-hidden", lambda c: ("omni-export", ["tiny", c.tmp / "m", "--hidden", "100"], ["multiple of 16"])),
+    Case("tiny-huge-hidden", lambda c: ("omni-export", ["tiny", c.tmp / "m", "--hidden", "1048576"], ["1024", "7b-shape"])),
     Case("tiny-outliers-7b-shape", lambda c: ("omni-export", ["tiny", c.tmp / "m", "--preset", "7b-shape", "--outliers"],
                                               ["--outliers", "--preset tiny"])),
     # ------------------------------------------------------------------ build

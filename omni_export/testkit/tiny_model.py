@@ -174,13 +174,19 @@ def _resolve_dtype(preset: str, dtype: str | None) -> str:
     return _DTYPE_ALIASES[key]
 
 
+#: the widest tiny thinker: a tiny checkpoint is written in seconds (the thinker's weights grow with
+#: hidden squared; real widths are the 7b-shape preset's)
+MAX_TINY_HIDDEN = 1024
+
+
 def _check_hidden(preset: str, hidden: int | None) -> None:
     if hidden is None:
         return
     if preset != "tiny":
         raise ValueError(f"hidden can only be set for the tiny preset, not {preset!r}")
-    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 32 or hidden % 16:
-        raise ValueError(f"hidden must be a multiple of 16 and at least 32, got {hidden!r}")
+    if not isinstance(hidden, int) or isinstance(hidden, bool) or not 32 <= hidden <= MAX_TINY_HIDDEN or hidden % 16:
+        raise ValueError(f"hidden must be a multiple of 16 from 32 to {MAX_TINY_HIDDEN} (real widths: the "
+                         f"7b-shape preset), got {hidden!r}")
 
 
 def _mrope_section(head_dim: int) -> list[int]:
